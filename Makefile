@@ -1,0 +1,45 @@
+# Two commands for a fresh machine with Python 3.11:  make run   and   make test
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test test-fast lint format lab bench clean
+
+# (Re)install only when the virtual environment is missing or older than the requirements.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), \
+		"Python 3.11 is required (TensorFlow 2.15 + MCT 2.6.1); got " + sys.version' \
+		|| { echo "Recreate with: make clean && make PYTHON=python3.11 ..."; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the notebook headless on configuration.json, keep the executed copy, print Top-1.
+run: venv
+	$(BIN)/python -m tl_helpers.run_notebook image_classification.ipynb \
+		--output output/image_classification.executed.ipynb
+
+## The test suite (unit tests, notebook runs through nbclient, one end-to-end run on real photos).
+test: venv
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check tl_helpers tests bench samples
+	$(BIN)/ruff format --check tl_helpers tests bench samples
+
+format: venv
+	$(BIN)/ruff format tl_helpers tests bench samples
+	$(BIN)/ruff check --fix tl_helpers tests bench samples
+
+lab: venv
+	$(BIN)/jupyter lab image_classification.ipynb
+
+clean:
+	rm -rf $(VENV) output .pytest_cache

@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny generated JPEG datasets and tiny Keras models (fast, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SAMPLES = ROOT / "samples" / "clothing5"
+
+# Visually distinct colours, one per class id; images are that colour plus noise and a shape.
+COLOURS = [
+    (220, 40, 40),
+    (40, 200, 40),
+    (40, 40, 220),
+    (230, 220, 40),
+    (200, 40, 200),
+    (40, 210, 210),
+    (250, 150, 30),
+    (120, 120, 120),
+]
+
+
+def write_jpeg(path: Path, colour, size=(24, 20), seed=0) -> Path:
+    """A small real JPEG: a solid colour with noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pixels = np.clip(
+        np.array(colour, dtype=np.float32) + rng.normal(0, 18, (h, w, 3)), 0, 255
+    ).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    return path
+
+
+def make_dataset(
+    root: Path,
+    labels: dict[str, int],
+    train_per_class: int = 6,
+    val_per_class: int = 3,
+    colour_of=None,
+) -> Path:
+    """Spec layout: root/training/<class>/*.jpg, root/validation/<class>/*.jpg, root/labels.json.
+
+    The colour of a class depends on its labels.json id, so a model can only score well when
+    training and evaluation use the same ids.
+    """
+    colour_of = colour_of or (lambda name: COLOURS[labels[name] % len(COLOURS)])
+    for split, count in (("training", train_per_class), ("validation", val_per_class)):
+        for name in labels:
+            for i in range(count):
+                size = (24 + 4 * (i % 3), 20 + 3 * (i % 2))
+                write_jpeg(
+                    root / split / name / f"{name}_{i:03d}.jpg", colour_of(name), size, seed=i
+                )
+    (root / "labels.json").write_text(json.dumps(labels))
+    return root
+
+
+def write_config(directory: Path, **values) -> Path:
+    """configuration.json in `directory` with tiny defaults, overridden by `values`."""
+    config = {
+        "source_keras_model": "",
+        "dataset_training_dir": "data/training",
+        "dataset_validation_dir": "data/validation",
+        "batch_size": 8,
+        "input_tensor_size": 32,
+        "epochs": 2,
+        "output_dir": "out/model",
+        "evaluate_result_dir": "out/evaluation",
+        "mobilenet_alpha": 0.35,
+    }
+    config.update(values)
+    config = {k: v for k, v in config.items() if v is not None}
+    path = directory / "configuration.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.fixture
+def labels_unordered() -> dict[str, int]:
+    """Ids neither alphabetical nor contiguous: the case the reference implementation got wrong."""
+    return {"zebra": 0, "apple": 3, "mango": 1, "kiwi": 4}
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, labels_unordered) -> Path:
+    return make_dataset(tmp_path / "data", labels_unordered)
+
+
+def tiny_base_model(input_size: int = 32):
+    """A small convolutional base (feature map output), quick to build and run."""
+    import tensorflow as tf
+
+    keras = tf.keras
+    inputs = keras.Input((input_size, input_size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    return keras.Model(inputs, x, name="tiny_base")
+
+
+def tiny_classifier_with_top(input_size: int = 32, classes: int = 3):
+    """A small classifier that still has its top: the base plus pooling, Dense, Dropout, Dense."""
+    import tensorflow as tf
+
+    keras = tf.keras
+    base = tiny_base_model(input_size)
+    x = keras.layers.GlobalAveragePooling2D()(base.output)
+    x = keras.layers.Dense(12, activation="relu")(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(base.input, outputs, name="tiny_with_top")

@@ -1,0 +1,412 @@
+"""Tests for tl_helpers.dataset: labels.json, folder scanning and the image pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tl_helpers.dataset import (
+    bad_image_error,
+    find_bad_images,
+    iter_batches,
+    load_images,
+    missing_ids,
+    read_labels,
+    scan_image_folder,
+)
+from tl_helpers.errors import TLError
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "clothing5"
+# Deliberately not alphabetical: folder order would give dress=0, hat=1, t-shirt=2.
+LABELS = {"t-shirt": 0, "dress": 1, "hat": 2}
+
+
+def write_jpeg(path: Path, size=(12, 10), color=(200, 30, 60), mode="RGB") -> Path:
+    """Write a small solid-colour JPEG (size is width x height)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fill = color[0] if mode == "L" else color
+    Image.new(mode, size, fill).save(path, "JPEG", quality=95)
+    return path
+
+
+def make_dataset(root: Path, per_class: dict[str, int]) -> Path:
+    """Create root/<class>/img_<i>.jpg with varied sizes; return root."""
+    sizes = [(8, 8), (40, 30), (17, 23), (30, 12)]
+    for name, count in per_class.items():
+        for i in range(count):
+            write_jpeg(root / name / f"img_{i}.jpg", size=sizes[i % len(sizes)])
+    return root
+
+
+def write_labels(path: Path, content) -> Path:
+    """Write labels.json content (a dict/list/..., or raw text)."""
+    text = content if isinstance(content, str) else json.dumps(content)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def training(tmp_path: Path) -> Path:
+    """A valid training folder for LABELS: 2 t-shirts, 3 dresses, 1 hat."""
+    return make_dataset(tmp_path / "training", {"t-shirt": 2, "dress": 3, "hat": 1})
+
+
+# --------------------------------------------------------------------------- labels.json
+
+
+def test_read_labels_keeps_file_order(tmp_path):
+    path = write_labels(tmp_path / "labels.json", '{"car": 1, "bike": 2, "human": 0}')
+    labels = read_labels(path)
+    assert labels == {"car": 1, "bike": 2, "human": 0}
+    assert list(labels) == ["car", "bike", "human"]
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ([["a", 0]], ["JSON object", "array"]),
+        ('"a"', ["JSON object", "string"]),
+        ({"a": "0"}, ['"a": "0"', "not an integer"]),
+        ({"a": 1.5}, ['"a": 1.5', "not an integer"]),
+        ({"a": True}, ['"a": true', "not an integer"]),
+        ({"a": None}, ['"a": null', "not an integer"]),
+        ({"a": -1}, ['"a": -1', "negative"]),
+        ({"a": 0, "": 1}, ['"": 1', "class name"]),
+        ({}, ["empty"]),
+        ('{"a": 0,}', ["not valid JSON", "line 1"]),
+        ('{"a": 0, "a": 1}', ['"a"', "twice"]),
+    ],
+)
+def test_read_labels_rejects(tmp_path, content, words):
+    path = write_labels(tmp_path / "labels.json", content)
+    with pytest.raises(TLError) as err:
+        read_labels(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_read_labels_duplicate_id_names_both_classes(tmp_path):
+    path = write_labels(tmp_path / "labels.json", {"cat": 0, "dog": 1, "cow": 1})
+    with pytest.raises(TLError, match=r'"dog" and "cow" both have id 1'):
+        read_labels(path)
+
+
+def test_read_labels_missing_file_and_symlink(tmp_path):
+    with pytest.raises(TLError, match="not found.*nope.json"):
+        read_labels(tmp_path / "nope.json")
+    real = write_labels(tmp_path / "real.json", {"a": 0})
+    link = tmp_path / "labels.json"
+    link.symlink_to(real)
+    with pytest.raises(TLError, match="symbolic link"):
+        read_labels(link)
+
+
+def test_read_labels_accepts_utf8_bom(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_bytes(b'\xef\xbb\xbf{"caf\xc3\xa9": 0}')
+    assert read_labels(path) == {"café": 0}
+
+
+def test_missing_ids():
+    assert missing_ids({"a": 0, "b": 2, "c": 5}) == [1, 3, 4]
+    assert missing_ids({"a": 1, "b": 0}) == []
+    assert missing_ids({}) == []
+
+
+# --------------------------------------------------------------------------- folder scan
+
+
+def test_scan_ids_follow_labels_not_folder_order(training, capsys):
+    folder = scan_image_folder(training, LABELS)
+    names = [Path(p).parent.name for p in folder.paths]
+    assert names == ["dress"] * 3 + ["hat"] + ["t-shirt"] * 2  # sorted by folder, then file
+    assert folder.class_ids.dtype == np.int32
+    assert folder.class_ids.tolist() == [LABELS[n] for n in names]
+    assert all(os.path.isabs(p) for p in folder.paths)
+    assert len(folder) == 6
+    assert list(folder.counts().items()) == [("t-shirt", 2), ("dress", 3), ("hat", 1)]
+    assert folder.skipped_files == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_scan_is_deterministic_and_sorts_files(tmp_path):
+    for name in ["b.jpg", "c.JPG", "a.jpeg", "D.JPEG"]:
+        write_jpeg(tmp_path / "ds" / "x" / name)
+    folder = scan_image_folder(tmp_path / "ds", {"x": 0})
+    assert [Path(p).name for p in folder.paths] == ["D.JPEG", "a.jpeg", "b.jpg", "c.JPG"]
+    assert scan_image_folder(tmp_path / "ds", {"x": 0}).paths == folder.paths
+
+
+def test_scan_with_id_gaps_counts_in_id_order(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"a": 1, "b": 2})
+    folder = scan_image_folder(root, {"b": 0, "a": 3})
+    assert folder.class_ids.tolist() == [3, 0, 0]
+    assert list(folder.counts().items()) == [("b", 2), ("a", 1)]
+
+
+def test_scan_missing_folder(tmp_path):
+    with pytest.raises(TLError, match=r"training folder .*nowhere does not exist.*dataset_tr"):
+        scan_image_folder(tmp_path / "nowhere", LABELS)
+    with pytest.raises(TLError, match=r"validation folder .*nowhere.*dataset_validation_dir"):
+        scan_image_folder(tmp_path / "nowhere", LABELS, role="validation")
+
+
+def test_scan_path_is_a_file(tmp_path):
+    path = write_jpeg(tmp_path / "x.jpg")
+    with pytest.raises(TLError, match=r"x\.jpg is not a folder"):
+        scan_image_folder(path, LABELS)
+
+
+def test_scan_refuses_symlinked_dataset_folder(training, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(training)
+    with pytest.raises(TLError, match=r"link is a symbolic link"):
+        scan_image_folder(link, LABELS)
+
+
+def test_scan_refuses_symlinked_class_folder(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"dress": 1, "t-shirt": 1})
+    (root / "hat").symlink_to(root / "dress")
+    with pytest.raises(TLError, match=r"class folder .*hat is a symbolic link"):
+        scan_image_folder(root, LABELS)
+
+
+def test_scan_refuses_symlinked_image(training, tmp_path):
+    real = write_jpeg(tmp_path / "elsewhere.jpg")
+    (training / "hat" / "linked.jpg").symlink_to(real)
+    with pytest.raises(TLError, match=r"hat/linked\.jpg is a symbolic link"):
+        scan_image_folder(training, LABELS)
+
+
+def test_scan_unknown_class_folder(training, tmp_path):
+    write_jpeg(training / "socks" / "s.jpg")
+    labels_path = tmp_path / "labels.json"
+    with pytest.raises(TLError) as err:
+        scan_image_folder(training, LABELS, labels_path=labels_path)
+    message = str(err.value)
+    assert str(training / "socks") in message
+    assert str(labels_path) in message
+    assert "Add it" in message and "remove the folder" in message
+
+
+def test_scan_unknown_class_hints_at_case(training):
+    (training / "hat").rename(training / "Hat")
+    with pytest.raises(TLError, match=r"case sensitive: 'Hat' vs 'hat'"):
+        scan_image_folder(training, LABELS)
+
+
+def test_scan_dataset_root_given_instead_of_training(tmp_path):
+    make_dataset(tmp_path / "ds" / "training", {"hat": 1})
+    make_dataset(tmp_path / "ds" / "validation", {"hat": 1})
+    with pytest.raises(TLError, match="dataset root folder"):
+        scan_image_folder(tmp_path / "ds", {"hat": 0})
+
+
+def test_scan_training_class_without_folder(tmp_path):
+    root = make_dataset(tmp_path / "training", {"dress": 1, "t-shirt": 1})
+    with pytest.raises(TLError) as err:
+        scan_image_folder(root, LABELS, labels_path="data/labels.json")
+    message = str(err.value)
+    assert '"hat"' in message
+    assert str(root / "hat") in message
+    assert "data/labels.json" in message
+
+
+def test_scan_validation_class_without_folder_is_fine(tmp_path, capsys):
+    root = make_dataset(tmp_path / "validation", {"dress": 2, "t-shirt": 1})
+    folder = scan_image_folder(root, LABELS, role="validation")
+    assert folder.missing_classes == ("hat",)
+    assert folder.counts() == {"t-shirt": 1, "dress": 2, "hat": 0}
+    assert folder.class_ids.tolist() == [1, 1, 0]
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("role", ["training", "validation"])
+def test_scan_empty_class_folder(training, role):
+    (training / "hat" / "img_0.jpg").unlink()
+    (training / "hat" / "notes.txt").write_text("no images here")
+    with pytest.raises(TLError, match=rf"{role} class folder .*hat has no JPEG images"):
+        scan_image_folder(training, LABELS, role=role)
+
+
+def test_scan_no_class_folders(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "readme.txt").write_text("hi")
+    (tmp_path / "ds" / ".git").mkdir()
+    with pytest.raises(TLError, match=r"ds has no class sub-folders. Expected layout"):
+        scan_image_folder(tmp_path / "ds", LABELS)
+
+
+@pytest.mark.parametrize(
+    "content, kind",
+    [
+        (None, "PNG image"),
+        (b"", "empty file"),
+        (b"GIF89a....", "GIF image"),
+        (b"<!DOCTYPE html>", "HTML"),
+        (b"hello", "unknown data"),
+    ],
+)
+def test_scan_refuses_jpg_that_is_not_jpeg(training, content, kind):
+    fake = training / "dress" / "fake.jpg"
+    if content is None:
+        Image.new("RGB", (9, 9)).save(fake, "PNG")
+    else:
+        fake.write_bytes(content)
+    with pytest.raises(TLError) as err:
+        scan_image_folder(training, LABELS)
+    message = str(err.value)
+    assert f"{fake}: {kind}" in message
+    assert "Re-save" in message
+
+
+def test_scan_skips_non_jpeg_files_with_one_warning(training, capsys):
+    (training / "dress" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    Image.new("RGB", (9, 9)).save(training / "hat" / "photo.png")
+    (training / "t-shirt" / "Thumbs.db").write_bytes(b"x")
+    (training / "README.txt").write_text("loose file in the dataset folder")
+    folder = scan_image_folder(training, LABELS)
+    assert folder.skipped_files == 4
+    assert len(folder) == 6
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("training: skipped 4 files that are not JPEG")
+    assert "(e.g. README.txt)" in lines[0]
+
+
+def test_scan_ignores_hidden_folders_silently(training, capsys):
+    write_jpeg(training / ".ipynb_checkpoints" / "x.jpg")
+    write_jpeg(training / "dress" / ".ipynb_checkpoints" / "y.jpg")
+    (training / ".git").mkdir()
+    folder = scan_image_folder(training, LABELS)
+    assert len(folder) == 6 and folder.skipped_files == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_scan_5000_images_is_fast(tmp_path, capsys):
+    data = (write_jpeg(tmp_path / "one.jpg")).read_bytes()
+    labels = {f"class_{c}": c for c in range(10)}
+    for name in labels:
+        folder = tmp_path / "ds" / name
+        folder.mkdir(parents=True)
+        for i in range(500):
+            (folder / f"{i:04d}.jpg").write_bytes(data)
+    start = time.perf_counter()
+    folder = scan_image_folder(tmp_path / "ds", labels)
+    assert time.perf_counter() - start < 1.0
+    assert len(folder) == 5000
+
+
+# --------------------------------------------------------------------------- image loading
+
+
+def test_load_images_shapes_dtype_range_and_order(tmp_path):
+    colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (128, 128, 128), (0, 0, 0)]
+    sizes = [(8, 8), (40, 30), (17, 23), (30, 12), (9, 31)]
+    paths = [
+        str(write_jpeg(tmp_path / f"{i}.jpg", size=s, color=c))
+        for i, (s, c) in enumerate(zip(sizes, colors, strict=True))
+    ]
+    batches = list(load_images(paths, image_size=16, batch_size=2))
+    assert [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
+    images = np.concatenate([b.numpy() for b in batches])
+    assert images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 255.0
+    assert images.max() > 200.0  # raw pixel values, not rescaled to [0, 1] or [-1, 1]
+    means = images.mean(axis=(1, 2))
+    np.testing.assert_allclose(means, np.array(colors, dtype=np.float32), atol=4.0)
+
+
+def test_load_images_grayscale_becomes_rgb(tmp_path):
+    path = write_jpeg(tmp_path / "gray.jpg", size=(20, 11), color=(90, 0, 0), mode="L")
+    (batch,) = list(load_images([str(path)], image_size=8, batch_size=4))
+    assert batch.shape == (1, 8, 8, 3)
+    image = batch.numpy()[0]
+    np.testing.assert_allclose(image[..., 0], image[..., 1])
+    np.testing.assert_allclose(image[..., 0], image[..., 2])
+    assert abs(float(image.mean()) - 90.0) < 3.0
+
+
+def test_load_images_empty_list(tmp_path):
+    assert list(load_images([], image_size=8, batch_size=4)) == []
+
+
+def truncated_batch_setup(tmp_path: Path) -> tuple[list[str], str]:
+    """Ten good JPEGs with number 6 truncated to half its size; return (paths, bad path)."""
+    paths = [str(write_jpeg(tmp_path / f"{i:02d}.jpg", size=(20 + i, 15))) for i in range(10)]
+    bad = Path(paths[6])
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return paths, str(bad)
+
+
+def test_truncated_jpeg_fails_at_its_batch_and_is_named(tmp_path):
+    paths, bad = truncated_batch_setup(tmp_path)
+    batch_size = 3
+    batches = iter(load_images(paths, image_size=8, batch_size=batch_size))
+    assert next(batches).shape[0] == 3  # images 0-2
+    assert next(batches).shape[0] == 3  # images 3-5
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        next(batches)  # images 6-8: holds the truncated file
+    error = bad_image_error(paths[2 * batch_size : 3 * batch_size], caught.value)
+    assert isinstance(error, TLError)
+    assert bad in str(error)
+    assert "truncated" in str(error)
+    assert "Re-save" in str(error)
+    assert paths[7] not in str(error)
+
+
+def test_iter_batches_raises_tlerror_naming_the_file(tmp_path):
+    paths, bad = truncated_batch_setup(tmp_path)
+    seen = []
+    with pytest.raises(TLError, match=bad):
+        for batch in iter_batches(paths, image_size=8, batch_size=4):
+            seen.append(batch.shape[0])
+    assert seen == [4]
+
+
+def test_find_bad_images(tmp_path):
+    paths, bad = truncated_batch_setup(tmp_path)
+    gone = str(tmp_path / "deleted.jpg")
+    found = dict(find_bad_images([*paths, gone]))
+    assert list(found) == [bad, gone]
+    assert "truncated" in found[bad]
+    assert "not found" in found[gone]
+    assert find_bad_images(paths[:3]) == []
+
+
+def test_bad_image_error_without_culprit_keeps_original_message(tmp_path):
+    paths = [str(write_jpeg(tmp_path / "ok.jpg"))]
+    original = tf.errors.InvalidArgumentError(None, None, "{{function_node x}} boom\nmore")
+    error = bad_image_error(paths, original)
+    assert "boom" in str(error) and "function_node" not in str(error)
+    assert paths[0] in str(error)
+
+
+# --------------------------------------------------------------------------- shipped samples
+
+
+def test_samples_clothing5(capsys):
+    labels = read_labels(SAMPLES / "labels.json")
+    assert labels == {"t-shirt": 0, "dress": 1, "shoes": 2, "hat": 3, "pants": 4}
+    assert list(labels) != sorted(labels)
+    training = scan_image_folder(SAMPLES / "training", labels)
+    validation = scan_image_folder(SAMPLES / "validation", labels, role="validation")
+    assert training.counts() == dict.fromkeys(labels, 25)
+    assert validation.counts() == dict.fromkeys(labels, 8)
+    assert training.skipped_files == validation.skipped_files == 0
+    assert capsys.readouterr().out == ""
+    assert find_bad_images(validation.paths) == []
+    for path in training.paths[::25]:
+        with Image.open(path) as image:
+            assert max(image.size) == 224 and image.mode == "RGB"
+            assert not image.getexif()

@@ -1,0 +1,510 @@
+"""Read an ImageNet-style JPEG folder dataset: labels.json, the class folders, the images.
+
+Layout (see SPEC.md)::
+
+    dataset/
+      training/<class name>/<image>.jpg ...
+      validation/<class name>/<image>.jpg ...
+      labels.json          {"daisy": 0, "dandelion": 1, ...}
+
+The class id of an image is the id its folder name has in labels.json -- never the folder's
+alphabetical position. Every user-fixable problem raises `TLError` naming the file or folder at
+fault and saying how to fix it, before TensorFlow sees a single image.
+
+Typical use::
+
+    labels = read_labels("dataset/labels.json")
+    train = scan_image_folder("dataset/training", labels, labels_path="dataset/labels.json")
+
+`load_images` is the one image pipeline for training features, evaluation and calibration. It
+keeps batch order (batch k holds `paths[k*bs:(k+1)*bs]`), so a batch that fails to decode can be
+traced back to its files. Callers iterate it like this (or use `iter_batches`, which does it)::
+
+    bs = batch_size
+    batches = iter(load_images(paths, image_size, bs))
+    for k in itertools.count():
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except tf.errors.InvalidArgumentError as err:
+            raise bad_image_error(paths[k * bs : (k + 1) * bs], err) from err
+        ...  # use batch: float32, shape (n, image_size, image_size, 3), values 0..255
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from tl_helpers.errors import TLError
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # compared case-insensitively
+JPEG_MAGIC = b"\xff\xd8\xff"
+ROLES = ("training", "validation")
+_MAX_LISTED = 5  # how many culprits a message lists before "... and N more"
+_LABELS_EXAMPLE = '{"daisy": 0, "dandelion": 1, "roses": 2}'
+
+
+# --------------------------------------------------------------------------- labels.json
+
+
+def read_labels(path: str | Path) -> dict[str, int]:
+    """Read labels.json ({class folder name: class id}) and check it, so ids are trustworthy."""
+    path = Path(path)
+    raw = _read_labels_text(path)
+    try:
+        pairs = json.loads(raw, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as err:
+        raise TLError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
+            f"Write it as a JSON object of class folder names to class ids, e.g. {_LABELS_EXAMPLE}."
+        ) from None
+    if not isinstance(pairs, _Pairs):
+        raise TLError(
+            f"{path} must hold a JSON object {{class folder name: class id}}, "
+            f"not a JSON {_json_kind(pairs)}. Example: {_LABELS_EXAMPLE}."
+        )
+    return _check_label_pairs(path, pairs)
+
+
+class _Pairs(list):
+    """The (key, value) pairs of a JSON object, kept as a list so duplicate keys can be seen."""
+
+
+def missing_ids(labels: dict[str, int]) -> list[int]:
+    """Ids between 0 and the largest id that no class uses (callers warn: those outputs idle)."""
+    used = set(labels.values())
+    return [i for i in range(max(used, default=-1) + 1) if i not in used]
+
+
+def _read_labels_text(path: Path) -> str:
+    """Return the text of labels.json, refusing a missing file, a folder or a symlink."""
+    if path.is_symlink():
+        raise TLError(f"{path} is a symbolic link, which is not allowed. Copy the real file there.")
+    if not path.exists():
+        raise TLError(
+            f"Labels file not found: {path}. Create it as a JSON object of class folder names "
+            f"to class ids, e.g. {_LABELS_EXAMPLE}, or fix its path in configuration.json."
+        )
+    if not path.is_file():
+        raise TLError(f"{path} is not a file. Point the labels path at the labels.json file.")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise TLError(f"{path} is not UTF-8 text. Save it as UTF-8 JSON.") from None
+
+
+def _check_label_pairs(path: Path, pairs: list[tuple[str, object]]) -> dict[str, int]:
+    """Check each (name, id) entry of labels.json and return them as a dict in file order."""
+    if not pairs:
+        raise TLError(f"{path} is empty ({{}}). List every class folder with its id.")
+    labels: dict[str, int] = {}
+    owner: dict[int, str] = {}
+    for name, class_id in pairs:
+        entry = f"{json.dumps(name)}: {json.dumps(class_id)}"
+        if not name.strip() or "/" in name or "\\" in name:
+            raise TLError(
+                f"{path}: entry {entry} has an invalid class name. Use the class folder's "
+                "name (non-empty, no slashes)."
+            )
+        if name in labels:
+            raise TLError(f"{path}: class {json.dumps(name)} is listed twice. Keep one entry.")
+        if isinstance(class_id, bool) or not isinstance(class_id, int):
+            raise TLError(
+                f"{path}: entry {entry} has a class id that is not an integer. "
+                "Use a whole number such as 0, 1, 2 (no quotes)."
+            )
+        if class_id < 0:
+            raise TLError(f"{path}: entry {entry} has a negative class id. Use 0 or more.")
+        if class_id in owner:
+            raise TLError(
+                f"{path}: classes {json.dumps(owner[class_id])} and {json.dumps(name)} both have "
+                f"id {class_id}. Give each class its own id."
+            )
+        labels[name] = class_id
+        owner[class_id] = name
+    return labels
+
+
+def _json_kind(value: object) -> str:
+    """Name the JSON type of a parsed value, for messages."""
+    if isinstance(value, _Pairs):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "null"
+
+
+# --------------------------------------------------------------------------- folder scan
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFolder:
+    """The JPEG images of one dataset folder, each with its labels.json class id."""
+
+    directory: Path
+    paths: list[str]  # absolute paths, sorted by (class folder, file name)
+    class_ids: np.ndarray  # int32, the labels.json id of each path
+    labels: dict[str, int]
+    skipped_files: int  # entries skipped because they are not JPEG images in a class folder
+    missing_classes: tuple[str, ...] = ()  # labels.json classes with no folder (validation only)
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.paths)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class name, in class-id order (0 for a class without a folder)."""
+        size = max(self.labels.values(), default=-1) + 1
+        per_id = np.bincount(self.class_ids, minlength=size) if size else np.zeros(0, int)
+        ordered = sorted(self.labels.items(), key=lambda item: item[1])
+        return {name: int(per_id[class_id]) for name, class_id in ordered}
+
+
+def scan_image_folder(
+    directory: str | Path,
+    labels: dict[str, int],
+    *,
+    role: str = "training",
+    labels_path: str | Path | None = None,
+) -> ImageFolder:
+    """List a dataset folder's JPEGs with their class ids, refusing layouts that would mislead."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    directory = _check_dataset_dir(Path(directory), role)
+    labels_name = str(labels_path) if labels_path is not None else "labels.json"
+    class_dirs, skipped = _list_class_dirs(directory, role)
+    _check_classes(directory, class_dirs, labels, role, labels_name)
+    paths: list[str] = []
+    ids: list[int] = []
+    not_jpeg: list[tuple[str, str]] = []
+    for name in sorted(class_dirs):
+        files, class_skipped, bad = _scan_class_dir(class_dirs[name], role)
+        skipped += class_skipped
+        not_jpeg += bad
+        paths += files
+        ids += [labels[name]] * len(files)
+    if not_jpeg:
+        raise _not_jpeg_error(not_jpeg, role)
+    _warn_skipped(skipped, role)
+    missing = tuple(name for name in labels if name not in class_dirs)
+    return ImageFolder(
+        directory=directory,
+        paths=paths,
+        class_ids=np.asarray(ids, dtype=np.int32),
+        labels=dict(labels),
+        skipped_files=len(skipped),
+        missing_classes=missing,
+    )
+
+
+def _check_dataset_dir(directory: Path, role: str) -> Path:
+    """Return the absolute dataset folder, refusing a missing path, a file or a symlink."""
+    key = f"dataset_{role}_dir"
+    if directory.is_symlink():
+        raise TLError(
+            f"The {role} folder {directory} is a symbolic link, which is not allowed. "
+            f"Set {key} in configuration.json to the real folder."
+        )
+    if not directory.exists():
+        raise TLError(
+            f"The {role} folder {directory} does not exist. Set {key} in configuration.json "
+            "to the folder that holds one sub-folder of JPEG images per class."
+        )
+    if not directory.is_dir():
+        raise TLError(
+            f"The {role} path {directory} is not a folder. Set {key} in configuration.json "
+            "to the folder that holds one sub-folder of JPEG images per class."
+        )
+    return directory.absolute()
+
+
+def _list_class_dirs(directory: Path, role: str) -> tuple[dict[str, Path], list[str]]:
+    """Return {name: path} of the class folders, and the loose entries that will be skipped."""
+    class_dirs: dict[str, Path] = {}
+    skipped: list[str] = []
+    links: list[str] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                if not entry.is_dir():
+                    skipped.append(entry.name)  # .DS_Store and friends
+                continue  # hidden folders (.ipynb_checkpoints, .git) are ignored silently
+            if entry.is_symlink() and entry.is_dir():
+                links.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                class_dirs[entry.name] = Path(entry.path)
+            else:
+                skipped.append(entry.name)
+    if links:
+        raise TLError(
+            f"{role.capitalize()} class folder {_listing(sorted(links))} is a symbolic "
+            "link, which is not allowed. Replace it with a real folder holding the images."
+        )
+    if not class_dirs:
+        raise TLError(
+            f"The {role} folder {directory} has no class sub-folders. Expected layout: "
+            f"{directory / '<class name>' / '<image>.jpg'}, one sub-folder per class, named as "
+            "in labels.json."
+        )
+    return class_dirs, skipped
+
+
+def _check_classes(
+    directory: Path,
+    class_dirs: dict[str, Path],
+    labels: dict[str, int],
+    role: str,
+    labels_name: str,
+) -> None:
+    """Refuse class folders unknown to labels.json, and training classes without a folder."""
+    unknown = sorted(name for name in class_dirs if name not in labels)
+    if unknown:
+        raise TLError(
+            f"{role.capitalize()} class folder {_listing([str(class_dirs[n]) for n in unknown])} "
+            f"is not listed in {labels_name}. Add it there with a class id, or remove the folder."
+            + _unknown_hint(unknown, labels)
+        )
+    if role != "training":
+        return  # evaluation simply has no images of a class without a validation folder
+    absent = [name for name in labels if name not in class_dirs]
+    if absent:
+        expected = _listing([str(directory / name) for name in absent])
+        raise TLError(
+            f"Class {_listing([json.dumps(n) for n in absent])} of {labels_name} has no training "
+            f"folder: expected {expected}. Add that folder with JPEG images of the class, or "
+            f"remove the class from {labels_name}."
+        )
+
+
+def _unknown_hint(unknown: list[str], labels: dict[str, int]) -> str:
+    """Suggest the likely mistake behind unknown class folders (wrong case, dataset root)."""
+    if {"training", "validation", "train", "val"} & set(unknown):
+        return (
+            " (It looks like the dataset root folder was given: point the setting at its "
+            "training/ or validation/ sub-folder.)"
+        )
+    by_lower = {name.lower(): name for name in labels}
+    near = [f"{n!r} vs {by_lower[n.lower()]!r}" for n in unknown if n.lower() in by_lower]
+    if near:
+        return f" Names are case sensitive: {', '.join(near)}."
+    return ""
+
+
+def _scan_class_dir(folder: Path, role: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Return a class folder's sorted JPEG paths, its skipped entries and its fake JPEGs."""
+    files: list[str] = []
+    skipped: list[str] = []
+    links: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            is_jpeg_name = entry.name.lower().endswith(JPEG_SUFFIXES)
+            if entry.name.startswith("."):
+                if not entry.is_dir():
+                    skipped.append(f"{folder.name}/{entry.name}")  # .DS_Store, ._x.jpg
+            elif entry.is_symlink() and is_jpeg_name:
+                links.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                skipped.append(f"{folder.name}/{entry.name}/")  # sub-folders are not searched
+            elif is_jpeg_name:
+                files.append(entry.path)
+            else:
+                skipped.append(f"{folder.name}/{entry.name}")
+    if links:
+        raise TLError(
+            f"{role.capitalize()} image {_listing(sorted(links))} is a symbolic link, "
+            "which is not allowed. Replace it with a copy of the image."
+        )
+    if not files:
+        raise TLError(
+            f"The {role} class folder {folder} has no JPEG images (.jpg/.jpeg). Add images of "
+            "that class, or remove the folder"
+            + (" and its class from labels.json." if role == "training" else ".")
+        )
+    files.sort()
+    bad = [(path, kind) for path in files if (kind := _file_kind(path)) != "JPEG"]
+    return files, skipped, bad
+
+
+def _file_kind(path: str) -> str:
+    """Tell what a file is from its first bytes: "JPEG", "PNG", "empty file", ..."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as err:
+        return f"unreadable file ({err.strerror})"
+    if head.startswith(JPEG_MAGIC):
+        return "JPEG"
+    if not head:
+        return "empty file"
+    for magic, kind in (
+        (b"\x89PNG", "PNG image"),
+        (b"GIF8", "GIF image"),
+        (b"BM", "BMP image"),
+        (b"II*\x00", "TIFF image"),
+        (b"MM\x00*", "TIFF image"),
+        (b"%PDF", "PDF document"),
+        (b"<", "HTML/XML text (a web page saved instead of the image?)"),
+    ):
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP image"
+    if head[4:8] == b"ftyp":
+        return "HEIC/AVIF or video file"
+    return f"unknown data (starts with bytes {head[:3].hex(' ')})"
+
+
+def _not_jpeg_error(bad: list[tuple[str, str]], role: str) -> TLError:
+    """Build the error listing .jpg/.jpeg files whose content is not JPEG."""
+    lines = [f"  {path}: {kind}" for path, kind in bad[:_MAX_LISTED]]
+    if len(bad) > _MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+    return TLError(
+        f"{len(bad)} {role} file(s) named .jpg/.jpeg are not JPEG images:\n"
+        + "\n".join(lines)
+        + "\nRe-save each as a real JPEG (open it in an image editor and export as .jpg), "
+        "or delete it."
+    )
+
+
+def _warn_skipped(skipped: list[str], role: str) -> None:
+    """Print one line counting the entries that were not used, with an example."""
+    if not skipped:
+        return
+    count = len(skipped)
+    noun = "file that is" if count == 1 else "files that are"
+    print(
+        f"{role}: skipped {count} {noun} not JPEG images inside a class folder "
+        f"(e.g. {sorted(skipped)[0]}). Convert them to JPEG (.jpg) and put them in their "
+        "class folder to use them."
+    )
+
+
+def _listing(items: Sequence[str]) -> str:
+    """Join culprits for a message, shortening long lists."""
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f" (and {len(items) - _MAX_LISTED} more)"
+    return shown
+
+
+def describe(training: ImageFolder, validation: ImageFolder | None = None) -> str:
+    """A text table of images per class (training, validation), in class-id order."""
+    train_counts = training.counts()
+    val_counts = validation.counts() if validation is not None else {}
+    width = max([5, *map(len, train_counts)]) + 2
+    lines = [f"{'class':<{width}}{'id':>4}{'training':>10}{'validation':>12}"]
+    for name, count in train_counts.items():
+        val = val_counts.get(name, "-") if validation is not None else "-"
+        lines.append(f"{name:<{width}}{training.labels[name]:>4}{count:>10}{val:>12}")
+    total_val = len(validation) if validation is not None else "-"
+    lines.append(f"{'total':<{width}}{'':>4}{len(training):>10}{total_val:>12}")
+    gaps = missing_ids(training.labels)
+    if gaps:
+        lines.append(
+            f"Note: no class has id {', '.join(map(str, gaps))} (allowed; ids are output indices)."
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- image loading
+
+
+def load_images(paths: Sequence[str], image_size: int, batch_size: int) -> tf.data.Dataset:
+    """Stream batches of RGB float32 images (0..255, square), in the order of `paths`."""
+    if image_size < 1 or batch_size < 1:
+        raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
+    size = (int(image_size), int(image_size))
+
+    def load(path: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        return tf.image.resize(image, size, method="bilinear")  # float32, not rescaled
+
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def iter_batches(paths: Sequence[str], image_size: int, batch_size: int) -> Iterator[tf.Tensor]:
+    """Yield `load_images` batches, turning a decode failure into a TLError naming the file."""
+    batches = iter(load_images(paths, image_size, batch_size))
+    for k in itertools.count():
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as err:
+            raise bad_image_error(paths[k * batch_size : (k + 1) * batch_size], err) from err
+        yield batch
+
+
+def find_bad_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Decode each file as the pipeline does and return (path, reason) for those that fail."""
+    bad = []
+    for path in paths:
+        try:
+            tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        except tf.errors.NotFoundError:
+            bad.append((path, "file not found (moved or deleted after the dataset was scanned)"))
+        except tf.errors.OpError as err:
+            bad.append((path, _describe_undecodable(path, err)))
+    return bad
+
+
+def bad_image_error(paths: Sequence[str], original: Exception) -> TLError:
+    """Build the TLError for a batch that failed to load, naming the image(s) at fault."""
+    bad = find_bad_images(paths)
+    if not bad:
+        first = paths[0] if paths else "?"
+        return TLError(
+            f"A batch of {len(paths)} images (from {first}) failed to load: "
+            f"{_first_line(original)}. Check those images open in an image viewer; re-save any "
+            "that do not as JPEG, or delete them."
+        )
+    lines = [f"  {path}: {reason}" for path, reason in bad]
+    return TLError(
+        f"{len(bad)} image(s) cannot be decoded:\n"
+        + "\n".join(lines)
+        + "\nRe-save each as a JPEG (open it in an image editor and export as .jpg), "
+        "or delete it, then run again."
+    )
+
+
+def _describe_undecodable(path: str, err: Exception) -> str:
+    """Say why a file fails to decode, using Pillow's more specific diagnosis when it has one."""
+    kind = _file_kind(path)
+    if kind != "JPEG":
+        return f"not a JPEG: {kind}"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode, width, height = image.mode, image.width, image.height
+    except Exception as pil_err:  # any Pillow failure is a description
+        return f"corrupt or truncated JPEG ({pil_err})"
+    return (
+        f"TensorFlow cannot decode this {width}x{height} {mode} JPEG ({_first_line(err)}); "
+        "Pillow can: re-saving it as an RGB JPEG fixes it"
+    )
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error message, without TensorFlow's {{function_node ...}} prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
