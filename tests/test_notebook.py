@@ -1,0 +1,171 @@
+"""The notebook itself, executed headless through nbclient / a real Jupyter kernel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import ROOT, SAMPLES, make_dataset, write_config
+from jupyter_client import KernelManager
+from nbclient.exceptions import CellExecutionError
+
+from tl_helpers.run_notebook import kernel_environment, run_notebook
+
+NOTEBOOK = ROOT / "image_classification.ipynb"
+
+
+def _outputs_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(out.get("evalue", ""))
+            parts.extend(out.get("traceback", []))
+            parts.append(out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+    sources = "\n".join(c.source for c in nb.cells)
+    assert "def remove_top_layer_if_needed(" in sources
+    assert "pip install" not in sources
+
+
+def test_notebook_runs_on_tiny_configuration(tmp_path, labels_unordered):
+    make_dataset(tmp_path / "data", labels_unordered)
+    write_config(tmp_path, epochs=3)
+    executed = tmp_path / "executed.ipynb"
+    nb = run_notebook(NOTEBOOK, executed, cwd=tmp_path)
+    model_dir = tmp_path / "out" / "model" / "saved_model"
+    assert (model_dir / "saved_model.pb").is_file()
+    assert json.loads((tmp_path / "out" / "model" / "labels.json").read_text()) == dict(
+        sorted(labels_unordered.items(), key=lambda kv: kv[1])
+    )
+    results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
+    assert 0.0 <= results["top_1_accuracy"] <= 1.0
+    assert results["num_images"] == 12
+    assert set(results["per_class"]) == set(labels_unordered)
+    text = _outputs_text(nb)
+    assert "Epoch 3/3" in text and "val_accuracy" in text
+    assert "Top-1 accuracy" in text
+    assert executed.is_file()
+
+
+@pytest.mark.parametrize(
+    "change, culprit",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"epoch": 3}, 'Did you mean "epochs"'),
+        ({"dataset_training_dir": "nowhere/training"}, "dataset_training_dir"),
+    ],
+)
+def test_bad_configuration_stops_with_clear_message(tmp_path, change, culprit):
+    make_dataset(tmp_path / "data", {"a": 0, "b": 1}, 2, 1)
+    write_config(tmp_path, **change)
+    with pytest.raises(CellExecutionError) as err:
+        run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
+    assert err.value.ename == "TLError"
+    assert culprit in err.value.evalue
+    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1
+    assert len(errors[0].traceback) == 1  # the message, not a page of traceback
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_configuration_stops_at_step_1(tmp_path):
+    with pytest.raises(CellExecutionError) as err:
+        run_notebook(NOTEBOOK, None, cwd=tmp_path)
+    assert "configuration.json not found" in err.value.evalue
+
+
+class Kernel:
+    """A real Jupyter kernel running the notebook's cells one by one, as a user would."""
+
+    def __init__(self, cwd: Path):
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(cwd=str(cwd), env=kernel_environment())
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=120)
+        self.output: list[str] = []
+
+    def run(self, source: str, timeout: float = 300) -> dict:
+        def hook(msg):
+            content = msg["content"]
+            self.output.append(content.get("text", "") or content.get("evalue", ""))
+
+        reply = self.kc.execute_interactive(source, output_hook=hook, timeout=timeout)
+        return reply["content"]
+
+    def close(self):
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
+    make_dataset(tmp_path / "data", {"a": 0, "b": 1, "c": 2}, 6, 2)
+    write_config(tmp_path, epochs=2)
+    run_notebook(NOTEBOOK, None, cwd=tmp_path)
+    model_dir = tmp_path / "out" / "model" / "saved_model"
+    results_file = tmp_path / "out" / "evaluation" / "results.json"
+    model_before = (model_dir / "saved_model.pb").read_bytes()
+    results_before = results_file.read_text()
+
+    # A long training run, interrupted in the middle of head training.
+    write_config(tmp_path, epochs=100000)
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    train_cell = next(i for i, s in enumerate(cells) if "train_head(" in s)
+    kernel = Kernel(tmp_path)
+    try:
+        for source in cells[:train_cell]:
+            assert kernel.run(source)["status"] == "ok", kernel.output
+        msg_id = kernel.kc.execute(cells[train_cell])
+        deadline = time.time() + 120
+        while "Epoch 3/100000" not in "".join(kernel.output) and time.time() < deadline:
+            msg = kernel.kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                kernel.output.append(msg["content"].get("text", ""))
+        assert "Epoch 3/100000" in "".join(kernel.output)
+        kernel.km.interrupt_kernel()
+        reply = kernel.kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kernel.kc.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        # Nothing was written: the previous model and results are intact, no partial files.
+        assert (model_dir / "saved_model.pb").read_bytes() == model_before
+        assert results_file.read_text() == results_before
+        leftovers = [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".")]
+        assert leftovers == []
+
+        # The same kernel runs the whole notebook again.
+        write_config(tmp_path, epochs=2)
+        for source in cells:
+            assert kernel.run(source)["status"] == "ok", kernel.output[-5:]
+    finally:
+        kernel.close()
+    assert json.loads(results_file.read_text())["created"] != json.loads(results_before)["created"]
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_photos_with_bundled_weights(tmp_path):
+    """The default configuration on the bundled real photos: Top-1 far above chance (0.2)."""
+    config = json.loads((ROOT / "configuration.json").read_text())
+    for key in ("dataset_training_dir", "dataset_validation_dir", "evaluate_label_file"):
+        config[key] = str(ROOT / config[key])
+    (tmp_path / "configuration.json").write_text(json.dumps(config))
+    shutil.copy(NOTEBOOK, tmp_path)
+    run_notebook(tmp_path / NOTEBOOK.name, tmp_path / "executed.ipynb", cwd=tmp_path)
+    results = json.loads((tmp_path / config["evaluate_result_dir"] / "results.json").read_text())
+    assert results["num_images"] == 40
+    assert results["top_1_accuracy"] >= 0.6
+    assert SAMPLES.is_dir()

@@ -1,0 +1,105 @@
+"""One-pass training: the head trained on cached features gives the saved model's predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_dataset
+
+from tl_helpers import dataset, evaluate, export, model, train
+from tl_helpers.inference import predict_images
+
+keras = tf.keras
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run: labels.json ids not alphabetical and not contiguous, real MobileNetV2 base."""
+    root = tmp_path_factory.mktemp("ds")
+    labels = {"zebra": 0, "apple": 3, "mango": 1, "kiwi": 4}
+    make_dataset(root, labels, train_per_class=8, val_per_class=4)
+    train_set = dataset.scan_image_folder(root / "training", labels)
+    val_set = dataset.scan_image_folder(root / "validation", labels, role="validation")
+    train.setup_tensorflow(0)
+    base = model.load_base_model(None, SIZE, 0.35)
+    classifier = model.build_classifier(base, labels, SIZE)
+    features = train.compute_features(classifier, train_set, val_set, SIZE)
+    history = train.train_head(classifier, features, epochs=30, batch_size=8, learning_rate=0.01)
+    return {
+        "labels": labels,
+        "train_set": train_set,
+        "val_set": val_set,
+        "classifier": classifier,
+        "features": features,
+        "history": history,
+        "root": root,
+    }
+
+
+def test_features_follow_labels_json_ids(trained):
+    f = trained["features"]
+    assert f.train.shape == (32, 1280)
+    assert f.validation.shape == (16, 1280)
+    np.testing.assert_array_equal(f.train_ids, trained["train_set"].class_ids)
+    assert set(f.train_ids) == {0, 1, 3, 4}
+
+
+def test_history_has_per_epoch_metrics(trained):
+    history = trained["history"].history
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert len(history[key]) == 30
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_full_model_matches_head_on_cached_features(trained):
+    """The classifier (preprocessing + base + pooling + head) equals head(features)."""
+    classifier, f = trained["classifier"], trained["features"]
+    head = model.build_head(f.train.shape[1], classifier.output_shape[-1], dropout=0)
+    head.get_layer(model.PREDICTIONS_LAYER).set_weights(
+        classifier.get_layer(model.PREDICTIONS_LAYER).get_weights()
+    )
+    from_features = head.predict(f.validation, verbose=0)
+    from_images = predict_images(classifier, trained["val_set"].paths, SIZE)
+    np.testing.assert_allclose(from_images, from_features, atol=1e-5)
+
+
+def test_saved_model_gives_the_same_predictions(trained, tmp_path):
+    classifier = trained["classifier"]
+    model_dir = export.save_model(classifier, tmp_path / "out", trained["labels"])
+    reloaded = evaluate.load_saved_model(model_dir)
+    paths = trained["val_set"].paths
+    np.testing.assert_allclose(
+        predict_images(reloaded, paths, SIZE), predict_images(classifier, paths, SIZE), atol=1e-5
+    )
+
+
+def test_non_alphabetical_ids_give_high_accuracy(trained, tmp_path):
+    """Training and evaluation both use labels.json ids: the reference's bug would give ~0."""
+    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
+    results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE)
+    assert results["top_1_accuracy"] >= 0.9
+    assert results["per_class"]["apple"]["id"] == 3
+    assert results["per_class"]["apple"]["accuracy"] >= 0.75
+
+
+def test_batch_size_larger_than_training_set_is_clamped(trained, capsys):
+    f = trained["features"]
+    small = train.Features(f.train[:5], f.train_ids[:5])
+    train.train_head(trained["classifier"], small, epochs=1, batch_size=64, verbose=0)
+    out = capsys.readouterr().out
+    assert "batch_size 64 is larger than the training set (5 images)" in out
+
+
+def test_corrupt_image_is_named_during_the_pass(tmp_path):
+    labels = {"a": 0, "b": 1}
+    root = make_dataset(tmp_path / "ds", labels, train_per_class=5, val_per_class=1)
+    bad = root / "training" / "b" / "b_002.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    folder = dataset.scan_image_folder(root / "training", labels)
+    classifier = model.build_classifier(model.load_base_model(None, SIZE, 0.35), labels, SIZE)
+    from tl_helpers.errors import TLError
+
+    with pytest.raises(TLError, match="b_002.jpg"):
+        train.compute_features(classifier, folder, None, SIZE, batch_size=4)
