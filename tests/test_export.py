@@ -71,3 +71,40 @@ def test_replace_directory_replaces_content(tmp_path):
     export.replace_directory(new, final)
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert not new.exists()
+
+
+class Doubling(keras.layers.Layer):
+    """A custom layer the loading side does not know: Keras revives it from its traces."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def test_user_savedmodel_with_custom_layer_round_trips(tmp_path):
+    import numpy as np
+
+    inputs = keras.Input((32, 32, 3))
+    x = Doubling()(keras.layers.Conv2D(4, 3)(inputs))
+    keras.Model(inputs, x).save(tmp_path / "user_base", save_format="tf")
+    base = model.load_base_model(tmp_path / "user_base", 32)  # no custom_objects: revived
+    classifier = model.build_classifier(base, {"a": 0, "b": 1}, 32)
+    assert not export.only_builtin_layers(classifier)
+    path = export.save_model(classifier, tmp_path / "out", {"a": 0, "b": 1})
+    reloaded = keras.models.load_model(path, compile=False)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        reloaded.predict(images, verbose=0), classifier.predict(images, verbose=0), atol=1e-5
+    )
+
+
+def test_saved_model_serving_signature_without_keras(tmp_path):
+    import numpy as np
+
+    classifier = _classifier()
+    path = export.save_model(classifier, tmp_path / "out", {"a": 0, "b": 1})
+    assert export.only_builtin_layers(classifier)
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    out = serve(image=tf.constant(images))["predictions"].numpy()
+    np.testing.assert_allclose(out, classifier.predict(images, verbose=0), atol=1e-5)
+    assert json.loads((path / "assets" / "labels.json").read_text()) == {"a": 0, "b": 1}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from tl_helpers.progress import ticking
+
 keras = tf.keras
 
 SAVED_MODEL_DIR = "saved_model"
@@ -52,19 +54,58 @@ def replace_directory(new: Path, final: Path) -> None:
 
 
 def save_model(model: keras.Model, output_dir: str | Path, labels: dict[str, int]) -> Path:
-    """Save `model` as a Keras SavedModel at output_dir/saved_model, labels.json beside it."""
+    """Save `model` as a Keras SavedModel at output_dir/saved_model, labels.json beside it.
+
+    The SavedModel has a `serving_default` signature (image -> predictions) and a copy of
+    labels.json in its assets. It is written to a temporary sibling and moved into place
+    only when complete.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / SAVED_MODEL_DIR
+    ordered = dict(sorted(labels.items(), key=lambda kv: kv[1]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{SAVED_MODEL_DIR}.tmp-", dir=output_dir))
     try:
-        model.save(tmp, save_format="tf", include_optimizer=False)
+        with ticking(f"Writing the SavedModel to {final}"):
+            # Models made of Keras's own layers are rebuilt from their config on loading, so
+            # the per-layer traces (slow to write and to read) are not needed; custom layers
+            # keep them.
+            model.save(
+                tmp,
+                save_format="tf",
+                include_optimizer=False,
+                save_traces=not only_builtin_layers(model),
+                signatures={"serving_default": serving_function(model)},
+            )
+        write_json(tmp / "assets" / LABELS_FILE, ordered)
         replace_directory(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
-    write_json(output_dir / LABELS_FILE, dict(sorted(labels.items(), key=lambda kv: kv[1])))
+    write_json(output_dir / LABELS_FILE, ordered)
     return final
+
+
+def serving_function(model: keras.Model) -> tf.types.experimental.ConcreteFunction:
+    """The SavedModel's serving signature: raw RGB images -> class probabilities."""
+    spec = tf.TensorSpec(model.inputs[0].shape, model.inputs[0].dtype, name="image")
+
+    @tf.function(input_signature=[spec])
+    def serve(image):
+        return {"predictions": model(image, training=False)}
+
+    return serve.get_concrete_function()
+
+
+def only_builtin_layers(model: keras.layers.Layer) -> bool:
+    """True when every layer (nested models included) is one of Keras's own classes.
+
+    Layers Keras revived from a SavedModel's traces (custom layers) do not count.
+    """
+    module = type(model).__module__
+    if not module.startswith("keras.") or ".saved_model." in module:
+        return False
+    return all(only_builtin_layers(layer) for layer in getattr(model, "layers", []))
 
 
 def _remove(path: str | Path) -> None:
