@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from tl_helpers import cache
 from tl_helpers.dataset import ImageFolder
-from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_images
+from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
 
 keras = tf.keras
@@ -28,6 +30,7 @@ class Features:
     train_ids: np.ndarray
     validation: np.ndarray | None = None
     validation_ids: np.ndarray | None = None
+    model_key: str | None = None  # cache.model_key of the extractor that computed them
 
 
 def setup_tensorflow(seed: int = 0) -> None:
@@ -48,15 +51,27 @@ def compute_features(
     validation: ImageFolder | None,
     image_size: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
+    *,
+    cache_dir: str | Path | None = None,
 ) -> Features:
-    """Run the preprocessing + frozen base + pooling once over every image."""
+    """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
+
+    With `cache_dir`, features of unchanged images come from the feature cache there (see
+    tl_helpers.cache) and only new or changed images go through the base; None: no cache.
+    """
     extractor = feature_extractor(classifier)
-    train_features = predict_images(extractor, train.paths, image_size, batch_size, "training")
-    features = Features(train_features, np.asarray(train.class_ids, dtype=np.int32))
-    if validation is not None and len(validation):
-        features.validation = predict_images(
-            extractor, validation.paths, image_size, batch_size, "validation"
-        )
+    has_validation = validation is not None and len(validation) > 0
+    paths = list(train.paths) + (list(validation.paths) if has_validation else [])
+    if cache_dir is None:
+        vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
+    else:
+        vectors, report = cache.cached_features(extractor, paths, image_size, cache_dir, batch_size)
+    count = len(train)
+    features = Features(
+        vectors[:count], np.asarray(train.class_ids, dtype=np.int32), model_key=report.key
+    )
+    if has_validation:
+        features.validation = vectors[count:]
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
     return features
 
