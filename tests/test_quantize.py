@@ -1,0 +1,207 @@
+"""MCT quantization for the IMX500: real MCT, real files, tiny models (one real backbone test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, SAMPLES, make_dataset, tiny_base_model, write_config
+from mct_quantizers import KerasQuantizationWrapper
+
+from tl_helpers import quantize
+from tl_helpers.config import load_configuration
+from tl_helpers.dataset import iter_batches, read_labels, scan_image_folder
+from tl_helpers.errors import TLError
+from tl_helpers.evaluate import evaluate_saved_model
+from tl_helpers.export import save_model
+from tl_helpers.inference import predict_images
+from tl_helpers.model import build_classifier, load_base_model
+from tl_helpers.train import compute_features, train_head
+
+keras = tf.keras
+LABELS = {"red": 1, "green": 0, "blue": 2}
+
+
+class Doubling(keras.layers.Layer):
+    """A custom layer, which MCT refuses."""
+
+    def call(self, inputs):
+        return inputs * 2.0
+
+
+def _folders(root: Path, labels: dict[str, int]):
+    return (
+        scan_image_folder(root / "training", labels, role="training"),
+        scan_image_folder(root / "validation", labels, role="validation"),
+    )
+
+
+def _trained_tiny_classifier(train, validation, size: int = 32) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    classifier = build_classifier(tiny_base_model(size), train.labels, size)
+    features = compute_features(classifier, train, validation, size)
+    train_head(classifier, features, epochs=15, batch_size=8, learning_rate=0.05)
+    return classifier
+
+
+def test_tiny_model_quantized_end_to_end(tmp_path, capsys, monkeypatch):
+    make_dataset(tmp_path / "data", LABELS, train_per_class=8, val_per_class=4)
+    train, validation = _folders(tmp_path / "data", LABELS)
+    classifier = _trained_tiny_classifier(train, validation)
+    model_dir = save_model(classifier, tmp_path / "out" / "model", LABELS)
+    write_config(tmp_path, quantize=True, calibration_batch_size=5, calibration_batches=2)
+    config = load_configuration(tmp_path / "configuration.json")
+
+    requested: list[str] = []
+
+    def watched_iter_batches(paths, image_size, batch_size):
+        requested.extend(paths)
+        return iter_batches(paths, image_size, batch_size)
+
+    monkeypatch.setattr(quantize, "iter_batches", watched_iter_batches)
+    quantized = quantize.quantize_for_imx500(classifier, train, LABELS, config)
+    # One pass: MCT reads the first batch before calibrating, yet each image is loaded once.
+    assert len(requested) == len(set(requested)) == 10
+
+    folder = tmp_path / "out" / "model" / "quantized"
+    assert quantized.directory == folder
+    assert quantized.keras_file.is_file() and quantized.tflite_file.is_file()
+    assert json.loads((folder / "labels.json").read_text()) == {"green": 0, "red": 1, "blue": 2}
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+    assert quantized.calibration_images == 10 and quantized.tpc_version == "1.0"
+    assert "10 of 24 training images, 2 batches" in capsys.readouterr().out
+
+    # The files on disk behave like the float model (a tiny model, quantized to 8 bits).
+    float_out = predict_images(classifier, validation.paths, 32)
+    keras_out = predict_images(
+        quantize.load_quantized_keras(quantized.keras_file), validation.paths, 32
+    )
+    tflite_out = quantize.predict_tflite(quantized.tflite_file, validation.paths, 32, batch_size=5)
+    assert keras_out.shape == tflite_out.shape == float_out.shape == (12, 3)
+    assert np.abs(keras_out - float_out).max() < 0.1
+    assert np.abs(tflite_out - keras_out).max() < 0.05
+
+    results = evaluate_saved_model(model_dir, validation, 32)
+    merged = quantize.add_quantized_results(results, quantized, validation, 32)
+    assert merged["top_1_accuracy"] == results["top_1_accuracy"]
+    keras_top1 = float((keras_out.argmax(1) == validation.class_ids).mean())
+    tflite_top1 = float((tflite_out.argmax(1) == validation.class_ids).mean())
+    assert merged["quantized_keras_top_1_accuracy"] == pytest.approx(keras_top1)
+    assert merged["quantized_tflite_top_1_accuracy"] == pytest.approx(tflite_top1)
+    models = merged["quantization"]["models"]
+    assert models["quantized_tflite"]["size_bytes"] == quantized.tflite_file.stat().st_size
+    assert models["float"]["size_bytes"] > 0
+    table = quantize.format_comparison(merged)
+    assert "float (SavedModel)" in table and "int8 TFLite" in table and " pt" in table
+
+
+def test_quantization_off_writes_nothing(tmp_path, capsys):
+    make_dataset(tmp_path / "data", LABELS, 2, 1)
+    write_config(tmp_path)
+    config = load_configuration(tmp_path / "configuration.json")
+    train, _ = _folders(tmp_path / "data", LABELS)
+    assert quantize.quantize_for_imx500(tiny_base_model(), train, LABELS, config) is None
+    assert '"quantize": true' in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_images_are_capped_seeded_and_mixed(tmp_path):
+    make_dataset(tmp_path / "data", LABELS, train_per_class=6, val_per_class=1)
+    train, _ = _folders(tmp_path / "data", LABELS)
+    paths = quantize.calibration_paths(train, batch_size=4, batches=2, seed=3)
+    assert len(paths) == 8 == len(set(paths))
+    assert paths == quantize.calibration_paths(train, 4, 2, seed=3)
+    assert len({Path(p).parent.name for p in paths}) > 1  # not just the first class folder
+    assert sorted(quantize.calibration_paths(train, 50, 10)) == sorted(train.paths)
+
+    data = quantize.CalibrationData(paths[:7], image_size=16, batch_size=3)
+    assert data() is data and len(data) == 3
+    first, second = list(data()), list(data())
+    assert [b[0].shape for b in first] == [(3, 16, 16, 3), (3, 16, 16, 3), (1, 16, 16, 3)]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    assert 0 <= first[0][0].min() and first[0][0].max() <= 255  # raw pixels
+    one_batch = quantize.CalibrationData(paths[:2], image_size=16, batch_size=5)
+    assert [b[0].shape for b in one_batch()] == [(2, 16, 16, 3)]
+
+
+def test_unquantizable_layers_are_refused_before_calibration(tmp_path):
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = Doubling(name="doubling")(x)
+    x = keras.layers.Lambda(lambda t: t + 1.0, name="plus_one")(x)
+    base = keras.Model(inputs, x, name="user_base")
+    base.save(tmp_path / "base_sm", save_format="tf")
+    revived = keras.models.load_model(tmp_path / "base_sm", compile=False)
+    classifier = build_classifier(revived, LABELS, 32, "zero_to_one")
+    missing = quantize.CalibrationData([str(tmp_path / "missing.jpg")], 32, 1)
+    with pytest.raises(TLError) as err:
+        quantize.quantize_model(classifier, missing)  # no image is read: the check comes first
+    message = str(err.value)
+    assert 'layer "user_base/doubling" (Doubling) was loaded from a SavedModel' in message
+    assert 'layer "user_base/plus_one" (Lambda) holds Python code' in message
+    assert '"user_base/conv"' not in message
+    assert '"quantize": false' in message
+
+    with pytest.raises(TLError, match=r'"user_base/doubling" \(Doubling\) is a custom layer'):
+        quantize.check_quantizable(build_classifier(base, LABELS, 32, "zero_to_one"))
+
+
+def test_real_backbone_on_real_images():
+    """The bundled MobileNetV2 (alpha 0.35, 96 px) quantized with MCT on the sample's photos."""
+    labels = read_labels(SAMPLES / "labels.json")
+    train = scan_image_folder(SAMPLES / "training", labels, role="training")
+    validation = scan_image_folder(SAMPLES / "validation", labels, role="validation")
+    keras.utils.set_random_seed(0)
+    classifier = build_classifier(load_base_model(None, 96, 0.35), labels, 96)
+    features = compute_features(classifier, train, validation, 96)
+    train_head(classifier, features, epochs=10, batch_size=16)
+    paths = quantize.calibration_paths(train, batch_size=10, batches=2)
+    quantized = quantize.quantize_model(classifier, quantize.CalibrationData(paths, 96, 10))
+
+    # MCT flattened the nested MobileNetV2: every convolution and the Dense are quantized.
+    float_layers = [layer for _, layer in quantize.iter_layers(classifier)]
+    weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    wrappers = [layer for layer in quantized.layers if isinstance(layer, KerasQuantizationWrapper)]
+    assert len(wrappers) == sum(isinstance(layer, weighted) for layer in float_layers) > 50
+    assert not any(isinstance(layer, keras.Model) for layer in quantized.layers)
+
+    float_ids = predict_images(classifier, validation.paths, 96).argmax(1)
+    quantized_ids = predict_images(quantized, validation.paths, 96).argmax(1)
+    float_correct = int((float_ids == validation.class_ids).sum())
+    quantized_correct = int((quantized_ids == validation.class_ids).sum())
+    assert float_correct >= 25  # of 40: the head did learn
+    assert abs(quantized_correct - float_correct) <= 2
+    assert (float_ids == quantized_ids).mean() >= 0.9
+
+
+def test_notebook_with_quantization_on(tmp_path):
+    from tl_helpers.run_notebook import run_notebook
+
+    make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)
+    tiny_base_model(32).save(tmp_path / "base.h5")
+    write_config(
+        tmp_path,
+        source_keras_model="base.h5",
+        epochs=2,
+        quantize=True,
+        calibration_batch_size=4,
+        calibration_batches=2,
+    )
+    run_notebook(ROOT / "image_classification.ipynb", tmp_path / "executed.ipynb", cwd=tmp_path)
+    folder = tmp_path / "out" / "model" / "quantized"
+    assert (folder / "quantized_model.keras").is_file()
+    assert (folder / "quantized_model_int8.tflite").is_file()
+    results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
+    for key in (
+        "top_1_accuracy",
+        "quantized_keras_top_1_accuracy",
+        "quantized_tflite_top_1_accuracy",
+    ):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["quantization"]["calibration_images"] == 8
+    assert results["quantization"]["models"]["quantized_keras"]["num_images"] == 6
+    assert results["configuration"]["quantize"] is True
