@@ -424,6 +424,64 @@ def describe(training: ImageFolder, validation: ImageFolder | None = None) -> st
     return "\n".join(lines)
 
 
+FEW_IMAGES = 10  # a class with fewer training images than this is learned poorly
+IMBALANCE_RATIO = 3.0  # warn when the largest class has this many times a class's images
+
+
+def class_warnings(training: ImageFolder, validation: ImageFolder | None = None) -> list[str]:
+    """Warnings naming classes with few training images, far fewer than others, or no validation."""
+    counts = training.counts()
+    warnings = []
+    few = [name for name, count in counts.items() if count < FEW_IMAGES]
+    if few:
+        warnings.append(
+            f"{_classes(few, counts)} {'has' if len(few) == 1 else 'have'} fewer than "
+            f"{FEW_IMAGES} training images: too few examples to learn a class. Add images to "
+            f"{_listing([str(training.directory / name) for name in few])}."
+        )
+    largest = max(counts, key=counts.get)
+    small = [name for name, count in counts.items() if count * IMBALANCE_RATIO <= counts[largest]]
+    if small:
+        warnings.append(
+            f'The training classes are imbalanced: "{largest}" has {counts[largest]} images, '
+            f"{IMBALANCE_RATIO:g}x or more the images of {_quoted(small, counts)}. "
+            "The model will favour the large classes: add images to the small ones, or use "
+            "fewer of the large ones."
+        )
+    if validation is not None:
+        empty = [name for name, count in validation.counts().items() if count == 0]
+        if empty:
+            warnings.append(
+                f"{_classes(empty)} {'has' if len(empty) == 1 else 'have'} no validation "
+                "images, so its accuracy cannot be measured. Add images to "
+                f"{_listing([str(validation.directory / name) for name in empty])}."
+            )
+    return warnings
+
+
+def print_class_warnings(training: ImageFolder, validation: ImageFolder | None = None) -> None:
+    """Print `class_warnings`, or that the classes look fine, for the notebook."""
+    warnings = class_warnings(training, validation)
+    for warning in warnings:
+        print(f"Warning: {warning}")
+    if not warnings:
+        counts = training.counts().values()
+        print(
+            f"Classes look fine: each has at least {FEW_IMAGES} training images, and the "
+            f"largest has {max(counts) / min(counts):.1f}x the images of the smallest."
+        )
+
+
+def _classes(names: Sequence[str], counts: dict[str, int] | None = None) -> str:
+    """'Class "a" (3)' / 'Classes "a" (3), "b" (5)': names with image counts, for messages."""
+    return f"Class{'es' if len(names) > 1 else ''} {_quoted(names, counts)}"
+
+
+def _quoted(names: Sequence[str], counts: dict[str, int] | None = None) -> str:
+    """'"a" (3), "b" (5)': quoted class names with their image counts, shortened when long."""
+    return _listing([f'"{name}"' + (f" ({counts[name]})" if counts else "") for name in names])
+
+
 # --------------------------------------------------------------------------- image loading
 
 
