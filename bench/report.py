@@ -1,0 +1,253 @@
+"""The benchmark's summary: derived time-against-epochs curves, targets, markdown, PNG chart."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+VARIANTS = ("floor", "project", "project_2x", "classic")
+TITLES = {
+    "project": "this project",
+    "project_2x": "this project, 2x dataset",
+    "classic": "per-epoch procedure",
+    "floor": "floor (one backbone pass)",
+}
+BAR_LABELS = {
+    "floor": "floor",
+    "project": "this project",
+    "project_2x": "this project,\n2x dataset",
+    "classic": "per-epoch\nprocedure",
+}
+# The pipeline's phases (configuration through results.json), in order, with table titles.
+PIPELINE = (
+    ("config", "configuration + TensorFlow setup"),
+    ("scan", "data scan"),
+    ("model", "base model + classifier"),
+    ("backbone", "backbone pass (features; floor)"),
+    ("training", "training (fit)"),
+    ("save", "save SavedModel"),
+    ("reload", "reload SavedModel"),
+    ("evaluation", "evaluation"),
+    ("results", "write results.json"),
+)
+# Notebook cells outside the pipeline: shown, not counted in the pipeline total.
+EXTRA = (
+    ("figures", "notebook figures (not in total)"),
+    ("quantization", "quantization (not in total)"),
+    ("other", "other cells (not in total)"),
+)
+
+
+def time_for_epochs(total: float, epoch_seconds: list[float], epochs: int) -> float:
+    """A run's total time for `epochs` epochs, from its measured total and epoch times."""
+    fixed = total - sum(epoch_seconds)
+    measured = len(epoch_seconds)
+    if epochs <= measured:
+        return fixed + sum(epoch_seconds[:epochs])
+    later = epoch_seconds[1:] or epoch_seconds
+    return fixed + sum(epoch_seconds) + (epochs - measured) * statistics.fmean(later)
+
+
+def chart_epochs(settings: dict) -> list[int]:
+    """The epoch counts of the chart and tables: the asked ones and the measured one."""
+    return sorted({*settings["epochs_list"], settings["epochs"]})
+
+
+def pipeline_seconds(variant: str, report: dict) -> float:
+    """Configuration through results.json, imports not counted; the floor: its pass alone."""
+    if variant == "floor":
+        return report["phases"]["backbone"]
+    return sum(report["phases"].get(name, 0.0) for name, _ in PIPELINE)
+
+
+def summarise(settings: dict, machine: dict, datasets: dict, results: dict) -> dict:
+    """Everything measured, plus the derived curves and the issue's targets."""
+    variants = {}
+    for variant, report in results.items():
+        if report.get("ok"):
+            report = {**report, "total_s": pipeline_seconds(variant, report)}
+            if report.get("epoch_s"):
+                report["time_by_epochs_s"] = {
+                    str(e): time_for_epochs(report["total_s"], report["epoch_s"], e)
+                    for e in chart_epochs(settings)
+                }
+        variants[variant] = report
+    summary = {"settings": settings, "datasets": datasets, "machine": machine}
+    summary["variants"] = variants
+    summary["targets"] = check_targets(summary)
+    return summary
+
+
+def check_targets(summary: dict) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it holds."""
+    v = {k: r for k, r in summary["variants"].items() if r.get("ok")}
+    epochs = summary["settings"]["epochs"]
+    targets = []
+
+    def add(target: str, measured: str, holds: bool) -> None:
+        targets.append({"target": target, "measured": measured, "holds": bool(holds)})
+
+    if "project" in v and "floor" in v:
+        ratio = v["project"]["total_s"] / v["floor"]["total_s"]
+        add("pipeline total within 1.3x the floor", f"{ratio:.2f}x", ratio <= 1.3)
+    if "project" in v and "classic" in v:
+        speedup = v["classic"]["total_s"] / v["project"]["total_s"]
+        add(f"6x faster than per-epoch at {epochs} epochs", f"{speedup:.1f}x", speedup >= 6)
+        ours = v["project"].get("time_by_epochs_s", {})
+        theirs = v["classic"].get("time_by_epochs_s", {})
+        gaps = {e: theirs[e] / ours[e] for e in ours if e in theirs}
+        if gaps:
+            ratios = list(gaps.values())
+            grows = all(b >= a for a, b in zip(ratios, ratios[1:], strict=False))
+            shown = ", ".join(f"{e}: {g:.1f}x" for e, g in gaps.items())
+            add("the gap grows with epochs (derived)", shown, grows)
+        ours_top, theirs_top = v["project"]["top_1"], v["classic"]["top_1"]
+        add(
+            "Top-1 at least the per-epoch one",
+            f"{ours_top:.4f} vs {theirs_top:.4f}",
+            ours_top >= theirs_top,
+        )
+    if "project" in v:
+        peak = v["project"]["peak_rss_mb"]
+        add("peak memory under 1.5 GB", f"{peak:.0f} MB", peak < 1500)
+    if "project" in v and "project_2x" in v:
+        growth = v["project_2x"]["peak_rss_mb"] / v["project"]["peak_rss_mb"] - 1
+        add("peak memory within 10% when the dataset doubles", f"{growth:+.1%}", growth <= 0.1)
+    return targets
+
+
+def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
+    """A table cell: the formatted value, or a dash."""
+    return "–" if value is None else fmt.format(value)
+
+
+def markdown_report(summary: dict) -> str:
+    """The markdown tables: settings, phases per variant, the derived curves, the targets."""
+    s, m, d = summary["settings"], summary["machine"], summary["datasets"]["1x"]
+    ok = {k: r for k, r in summary["variants"].items() if r.get("ok")}
+    columns = [v for v in VARIANTS if v in ok]
+    subset = f" (first {s['limit_per_class']} per class)" if s["limit_per_class"] else ""
+    lines = [
+        f"Dataset `{Path(s['dataset']).name}`{subset}: {d['training']:,} training + "
+        f"{d['validation']:,} validation images; input {s['input_tensor_size']}, MobileNetV2 "
+        f"alpha {s['mobilenet_alpha']}, batch_size {s['batch_size']}, {s['epochs']} epochs; "
+        f"feature cache {s['feature_cache']}.  ",
+        f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), {m['memory_gib']} GiB RAM; load "
+        f"average {m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} "
+        f"after. {m['date_utc']}, commit {m['git_commit']}"
+        + (" + uncommitted changes" if m["git_dirty"] else "")
+        + ".  ",
+        f"Command: `{s['command']}`",
+        "",
+        "| wall seconds | " + " | ".join(TITLES[c] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, title in PIPELINE:
+        # The floor's total is its pass alone: its other phases are in the JSON only.
+        cells = [
+            _cell(ok[c]["phases"].get(name) if c != "floor" or name == "backbone" else None)
+            for c in columns
+        ]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    rows = [
+        ("**pipeline total** (floor: its pass)", lambda r: _cell(r["total_s"], "**{:.1f}**")),
+        *[
+            (title, lambda r, n=name: _cell(r["phases"].get(n)))
+            for name, title in EXTRA
+            if any(name in ok[c]["phases"] for c in columns)
+        ],
+        ("Python + TensorFlow import", lambda r: _cell(r["phases"].get("import"))),
+        ("process CPU seconds (all phases)", lambda r: _cell(sum(r["cpu_phases"].values()))),
+        ("backbone images/s", lambda r: _cell(r.get("backbone_images_per_s"))),
+        ("backbone runs per image", lambda r: _cell(r.get("backbone_passes"), "{:.2f}")),
+        ("peak RSS (MB)", lambda r: _cell(r["peak_rss_mb"], "{:.0f}")),
+        ("Top-1", lambda r: _cell(r.get("top_1"), "{:.4f}")),
+    ]
+    for title, show in rows:
+        lines.append(f"| {title} | " + " | ".join(show(ok[c]) for c in columns) + " |")
+    lines += _curve_table(summary, ok)
+    if summary["targets"]:
+        lines += ["", "| target | measured | holds |", "|---|---|---|"]
+        for t in summary["targets"]:
+            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['holds'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _curve_table(summary: dict, ok: dict) -> list[str]:
+    """Markdown lines of the time-against-epochs table (empty when nothing to show)."""
+    s = summary["settings"]
+    curves = [c for c in ("project", "classic") if "time_by_epochs_s" in ok.get(c, {})]
+    if not curves:
+        return []
+    floor = ["floor"] if "floor" in ok else []
+    lines = [
+        "",
+        f"Pipeline time against epochs (seconds). Only the {s['epochs']}-epoch runs were "
+        "measured; the other points are derived from their per-epoch wall times (Keras "
+        "callback): the measured epochs, plus the mean of epochs 2.. for each further epoch.",
+        "",
+        "| epochs | " + " | ".join(TITLES[c] for c in curves + floor) + " |",
+        "|---:|" + "---:|" * len(curves + floor),
+    ]
+    for e in chart_epochs(s):
+        cells = [_cell(ok[c]["time_by_epochs_s"][str(e)]) for c in curves]
+        cells += [_cell(ok["floor"]["total_s"])] if floor else []
+        mark = " (measured)" if e == s["epochs"] else ""
+        lines.append(f"| {e}{mark} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_chart(summary: dict, path: Path) -> Path | None:
+    """Time against epochs (project, per-epoch, floor line) and peak memory per variant."""
+    ok = {k: r for k, r in summary["variants"].items() if r.get("ok")}
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, m, d = summary["settings"], summary["machine"], summary["datasets"]["1x"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(3, 2))
+    colours = {"project": "tab:blue", "project_2x": "tab:cyan", "classic": "tab:red"}
+    for variant in ("project", "classic"):
+        curve = ok.get(variant, {}).get("time_by_epochs_s")
+        if curve:
+            epochs = [int(e) for e in curve]
+            left.plot(epochs, list(curve.values()), "o-", color=colours[variant])
+            left.plot([], [], "o-", color=colours[variant], label=TITLES[variant])
+            left.plot([s["epochs"]], [ok[variant]["total_s"]], "ko", markersize=4)
+    if "floor" in ok:
+        left.axhline(ok["floor"]["total_s"], color="gray", linestyle="--", label=TITLES["floor"])
+    left.set_xlabel("epochs")
+    left.set_ylabel("seconds, configuration through results.json")
+    left.set_xticks(chart_epochs(s))
+    left.set_ylim(bottom=0)
+    left.grid(alpha=0.3)
+    left.legend(
+        fontsize=8,
+        title=f"black dots: measured ({s['epochs']} epochs); the rest derived",
+        title_fontsize=8,
+    )
+    left.set_title("Time against epochs", fontsize=10)
+    names = [v for v in VARIANTS if v in ok]
+    bars = right.bar(
+        range(len(names)),
+        [ok[v]["peak_rss_mb"] for v in names],
+        color=[colours.get(v, "gray") for v in names],
+    )
+    right.bar_label(bars, fmt="%.0f", fontsize=8)
+    right.set_xticks(range(len(names)), [BAR_LABELS[v] for v in names])
+    right.tick_params(axis="x", labelsize=7)
+    right.set_ylabel("peak resident memory (MB)")
+    right.set_title("Peak memory of each run's process", fontsize=10)
+    figure.suptitle(
+        f"{Path(s['dataset']).name}: {d['training']:,} + {d['validation']:,} images, input "
+        f"{s['input_tensor_size']}, MobileNetV2 alpha {s['mobilenet_alpha']}, batch "
+        f"{s['batch_size']}; {m['cpus']} CPU cores, {m['date_utc'][:10]}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
