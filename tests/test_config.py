@@ -614,3 +614,15 @@ def test_require_setting_unknown_key(project: Path) -> None:
     config = load_configuration(write(project, minimal()))
     with pytest.raises(TLError, match='"epoch" is not a configuration key'):
         require_setting(config, "epoch")
+
+
+def test_readme_lists_every_key_as_the_schema_describes_it():
+    """The README's key table is the schema's (regenerate: python -m tl_helpers.config)."""
+    from tl_helpers.config import SETTING_KEYS, markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- configuration keys: begin -->\n", "\n<!-- configuration keys: end -->"
+    table = readme[readme.index(begin) + len(begin) : readme.index(end)]
+    assert table == markdown_table()
+    for key in SETTING_KEYS:
+        assert f"| `{key}` |" in table

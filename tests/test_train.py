@@ -84,6 +84,53 @@ def test_non_alphabetical_ids_give_high_accuracy(trained, tmp_path):
     assert results["per_class"]["apple"]["accuracy"] >= 0.75
 
 
+def test_evaluation_from_features_equals_the_full_pass(trained, tmp_path):
+    """The head of the reloaded model on the pass's features gives the full pass's report."""
+    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
+    val_set = trained["val_set"]
+    full = evaluate.evaluate_saved_model(model_dir, val_set, SIZE)
+    fast = evaluate.evaluate_saved_model(model_dir, val_set, SIZE, features=trained["features"])
+    assert full["evaluation"]["method"] == "saved model on every validation image"
+    assert fast["evaluation"]["method"].startswith("saved model's head on the validation features")
+    assert fast["evaluation"]["checked_images"] == len(val_set)
+    assert fast["evaluation"]["max_probability_difference"] < 1e-4
+    for key in ("top_1_accuracy", "per_class", "confusion_matrix"):
+        assert fast[key] == full[key]
+    assert [m["image"] for m in fast["misclassified"]] == [
+        m["image"] for m in full["misclassified"]
+    ]
+
+
+def test_evaluation_runs_every_image_when_the_saved_base_differs(trained, tmp_path):
+    """Features from another base (here: weights changed after the pass) are never used."""
+    labels, val_set = trained["labels"], trained["val_set"]
+    base = model.load_base_model(None, SIZE, 0.35)
+    other = model.build_classifier(base, labels, SIZE)
+    other.set_weights(trained["classifier"].get_weights())
+    conv = next(layer for layer in base.layers if layer.get_weights())
+    conv.set_weights([w * 1.5 for w in conv.get_weights()])
+    model_dir = export.save_model(other, tmp_path / "out", labels)
+    results = evaluate.evaluate_saved_model(model_dir, val_set, SIZE, features=trained["features"])
+    assert results["evaluation"]["method"] == "saved model on every validation image"
+    assert "base differs" in results["evaluation"]["why"]
+    reloaded = evaluate.load_saved_model(model_dir)
+    expected = predict_images(reloaded, val_set.paths, SIZE).argmax(axis=1)
+    assert results["num_correct"] == int((expected == val_set.class_ids).sum())
+
+
+def test_evaluation_check_catches_features_that_do_not_match(trained, tmp_path):
+    """Same key but wrong numbers (e.g. a damaged feature array): the check falls back."""
+    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
+    f = trained["features"]
+    wrong = train.Features(
+        f.train, f.train_ids, f.validation[::-1].copy(), f.validation_ids, f.model_key
+    )
+    results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE, features=wrong)
+    assert results["evaluation"]["method"] == "saved model on every validation image"
+    assert "check failed" in results["evaluation"]["why"]
+    assert results["top_1_accuracy"] >= 0.9
+
+
 def test_batch_size_larger_than_training_set_is_clamped(trained, capsys):
     f = trained["features"]
     small = train.Features(f.train[:5], f.train_ids[:5])

@@ -1,7 +1,7 @@
 """tl_helpers: transfer-learn an image classifier for an edge AI camera, from a notebook.
 
 Modules follow the data's path and import on demand (`tl_helpers.config` needs no TensorFlow):
-config -> dataset -> model -> train -> export -> evaluate.
+config -> dataset -> model -> train -> export -> evaluate (-> quantize, optional).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "cache",
     "config",
     "dataset",
     "errors",
@@ -18,8 +19,25 @@ _SUBMODULES = (
     "export",
     "inference",
     "model",
+    "plots",
+    "progress",
+    "quantize",
     "train",
 )
+
+
+def preload() -> None:
+    """Import the modules the notebook uses, and build the configuration validator, now.
+
+    The notebook calls this in its first cell, beside `import tensorflow`, so that later cells
+    doing no heavy work answer at once (importing jsonschema alone can take 2 s). MCT is still
+    imported only when quantization runs.
+    """
+    for name in ("config", "dataset", "model", "train", "export", "evaluate", "plots", "quantize"):
+        importlib.import_module(f"{__name__}.{name}")
+    from tl_helpers import config
+
+    config._validator()
 
 
 def __getattr__(name: str):

@@ -28,6 +28,8 @@ SAVED_MODEL_FILE = "saved_model.pb"
 STEP_2_KEYS = ("source_keras_model", "dataset_training_dir")
 MODEL_KEY = "source_keras_model"
 LABEL_KEY = "evaluate_label_file"
+CACHE_DIR_KEY = "feature_cache_dir"
+CACHE_FOLDER_NAME = "feature_cache"  # the default feature_cache_dir, inside output_dir
 
 _SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 _PROPERTIES: dict[str, dict[str, Any]] = _SCHEMA["properties"]
@@ -79,6 +81,14 @@ class Config:
     preprocessing: str = _default("preprocessing")
     learning_rate: float = _default("learning_rate")
     seed: int = _default("seed")
+    tensorboard_log_dir: Path | str | None = _default("tensorboard_log_dir")
+    feature_cache: bool = _default("feature_cache")
+    feature_cache_dir: Path | str = _default("feature_cache_dir")
+    evaluate_from_features: bool = _default("evaluate_from_features")
+    quantize: bool = _default("quantize")
+    calibration_batch_size: int = _default("calibration_batch_size")
+    calibration_batches: int = _default("calibration_batches")
+    imx500_tpc_version: str = _default("imx500_tpc_version")
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -95,6 +105,8 @@ class Config:
         value = getattr(self, name)
         if name == MODEL_KEY and value is None:
             text = f"Keras standard MobileNetV2 (ImageNet weights, alpha {self.mobilenet_alpha})"
+        elif value is None:
+            text = "off"  # an optional folder left empty, such as tensorboard_log_dir
         else:
             text = str(value)
         if self.raw and name not in self.raw:
@@ -362,7 +374,8 @@ def _rule(key: str) -> str:
     elif prop.get("type") == "string":
         text = "a non-empty string" if prop.get("minLength") else "a string"
     else:
-        text = {"integer": "an integer", "number": "a number"}[prop["type"]] + _range(prop)
+        kinds = {"integer": "an integer", "number": "a number", "boolean": "true or false"}
+        text = kinds[prop["type"]] + _range(prop)
     if "x-hint" in prop:
         text += f" ({prop['x-hint']})"
     return text
@@ -417,6 +430,8 @@ def _build_config(data: dict[str, Any], base_dir: Path) -> Config:
     values = {key: _setting_value(key, data, base_dir) for key in SETTING_KEYS}
     if values[LABEL_KEY] is None:
         values[LABEL_KEY] = _default_label_file(values["dataset_training_dir"])
+    if values[CACHE_DIR_KEY] is None:
+        values[CACHE_DIR_KEY] = values["output_dir"] / CACHE_FOLDER_NAME
     return Config(**values, base_dir=base_dir, raw=dict(data))
 
 
@@ -446,6 +461,8 @@ def _path_problems(config: Config) -> list[str]:
     problems = {key: _path_problem(config, key) for key in PATH_KEYS}
     if problems["dataset_training_dir"] and LABEL_KEY not in config.raw:
         problems[LABEL_KEY] = None
+    if problems["output_dir"] and CACHE_DIR_KEY not in config.raw:
+        problems[CACHE_DIR_KEY] = None  # its default lies in output_dir, reported already
     return [problem for problem in problems.values() if problem]
 
 
@@ -559,3 +576,22 @@ def _default_file_problem(key: str, path: Path) -> str | None:
         f'(class folder name -> class id, e.g. {{"daisy": 0, "roses": 1}}) or set "{key}" '
         "to its path."
     )
+
+
+def markdown_table() -> str:
+    """Every configuration key as a Markdown table, from the schema (the README's key list)."""
+    required = set(_SCHEMA.get("required", []))
+    rows = ["| key | required / default | allowed values | what it does |", "|---|---|---|---|"]
+    for key, prop in _PROPERTIES.items():
+        if _is_annotation(key):
+            continue
+        default = "**required**" if key in required else f"`{json.dumps(prop.get('default'))}`"
+        if key == LABEL_KEY:
+            default = "`labels.json` beside the training folder"
+        description = prop["description"].removeprefix("Optional. ").replace("|", "\\|")
+        rows.append(f"| `{key}` | {default} | {_rule(key)} | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m tl_helpers.config: print the key table for the README
+    print(markdown_table())
