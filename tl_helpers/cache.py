@@ -95,9 +95,8 @@ def model_key(extractor: keras.Model, image_size: int) -> str:
     }
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
     for array in extractor.get_weights():
-        array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(_buffer(array))
     return digest.hexdigest()
 
 
@@ -252,9 +251,14 @@ def _load_checked(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 def _checksum(meta_text: str, digests: np.ndarray, features: np.ndarray) -> str:
     """SHA-256 over the description, the digests and the features."""
     digest = hashlib.sha256(meta_text.encode())
-    digest.update(np.ascontiguousarray(digests).tobytes())
-    digest.update(np.ascontiguousarray(features).tobytes())
+    digest.update(_buffer(digests))
+    digest.update(_buffer(features))  # no copy: features can be tens of MB
     return digest.hexdigest()
+
+
+def _buffer(array: np.ndarray) -> memoryview:
+    """The array's bytes, without copying a C-contiguous array."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def write_features(path: Path, key: str, digests: Sequence[bytes], features: np.ndarray) -> None:
@@ -361,6 +365,8 @@ def cached_features(
     if report.path is not None:
         report.file_bytes = report.path.stat().st_size
         print(report.size_line())
+    if len(unique) == len(digests):  # no duplicate images: the table is in the paths' order
+        return table, report
     position = {digest: row for row, digest in enumerate(unique)}
     return table[[position[digest] for digest in digests]], report
 
@@ -373,6 +379,8 @@ def _merge(
     new: np.ndarray | None,
 ) -> np.ndarray:
     """One float32 row per unique digest: from the old file or from the new computation."""
+    if len(missing) == len(unique):  # nothing from the cache: the new rows are the table
+        return np.ascontiguousarray(new, dtype=np.float32)
     new_rows = {digest: row for row, digest in enumerate(missing)}
     size = (new if new is not None else old).shape[1]
     table = np.empty((len(unique), size), dtype=np.float32)

@@ -39,10 +39,13 @@ def predict_images(
     if title:
         print(f"{title}: {len(paths)} images")
     progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
-    outputs = []
+    outputs = None  # filled in place: no list of batches to concatenate (half the peak memory)
     done = 0
     for batch in iter_batches(paths, image_size, batch_size):
-        outputs.append(run(batch).numpy())
-        done += int(batch.shape[0])
+        result = run(batch).numpy()
+        if outputs is None:
+            outputs = np.empty((len(paths), *result.shape[1:]), dtype=result.dtype)
+        outputs[done : done + len(result)] = result
+        done += len(result)
         progress.update(done)
-    return np.concatenate(outputs, axis=0)
+    return outputs
