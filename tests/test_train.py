@@ -123,12 +123,29 @@ def test_evaluation_check_catches_features_that_do_not_match(trained, tmp_path):
     model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
     f = trained["features"]
     wrong = train.Features(
-        f.train, f.train_ids, f.validation[::-1].copy(), f.validation_ids, f.model_key
+        f.train,
+        f.train_ids,
+        f.validation[::-1].copy(),
+        f.validation_ids,
+        f.model_key,
+        f.validation_paths,
     )
     results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE, features=wrong)
     assert results["evaluation"]["method"] == "saved model on every validation image"
     assert "check failed" in results["evaluation"]["why"]
     assert results["top_1_accuracy"] >= 0.9
+
+
+def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, tmp_path):
+    """Features of other validation images (the folder changed after the pass) are not used."""
+    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
+    f = trained["features"]
+    other = train.Features(
+        f.train, f.train_ids, f.validation, f.validation_ids, f.model_key, f.validation_paths[1:]
+    )
+    results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE, features=other)
+    assert results["evaluation"]["why"] == "the features are not of these validation images"
+    assert results["num_images"] == len(trained["val_set"])
 
 
 def test_batch_size_larger_than_training_set_is_clamped(trained, capsys):

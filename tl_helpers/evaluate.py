@@ -136,8 +136,10 @@ def head_on_features(
     the base. Returns (None, reason) when any of this does not hold.
     """
     fallback = {"method": "saved model on every validation image"}
-    if features.validation is None or len(features.validation) != len(validation):
-        return None, fallback
+    if features.validation is None or features.validation_paths != tuple(
+        map(str, validation.paths)
+    ):
+        return None, {**fallback, "why": "the features are not of these validation images"}
     try:
         extractor = feature_extractor(model)
         head = keras.Model(extractor.outputs, model.outputs)

@@ -21,6 +21,8 @@ from tl_helpers.model import build_head, feature_extractor, set_head_weights
 
 keras = tf.keras
 
+VALIDATION_BATCH_SIZE = 512
+
 
 @dataclass
 class Features:
@@ -31,6 +33,7 @@ class Features:
     validation: np.ndarray | None = None
     validation_ids: np.ndarray | None = None
     model_key: str | None = None  # cache.model_key of the extractor that computed them
+    validation_paths: tuple[str, ...] = ()  # the validation images, in the order of the rows
 
 
 def setup_tensorflow(seed: int = 0) -> None:
@@ -73,6 +76,7 @@ def compute_features(
     if has_validation:
         features.validation = vectors[count:]
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
+        features.validation_paths = tuple(map(str, validation.paths))
     return features
 
 
@@ -114,6 +118,9 @@ def train_head(
         batch_size=batch_size,
         epochs=epochs,
         validation_data=validation_data,
+        # Validation only measures, so its batch size does not change the model (the metrics
+        # are means over images); large batches take fewer steps.
+        validation_batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
         shuffle=True,
         verbose=verbose,
         callbacks=callbacks,
