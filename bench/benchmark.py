@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import TITLES, VARIANTS, markdown_report, plot_chart, summarise
+from report import TITLES, VARIANTS, markdown_report, pipeline_seconds, plot_chart, summarise
 from variants import MB, child_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +92,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="images per batch of the floor's pass (default: tl_helpers' INFERENCE_BATCH_SIZE)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of the floor and project variants, each in a new process and work folder; "
+        "the fastest is reported, the others are kept in the JSON (default 1; make bench: 2)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (bench/out)")
     parser.add_argument(
         "--publish", action="store_true", help="copy the table and the chart to docs/benchmark/"
@@ -103,8 +110,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if min(args.epochs, args.batch_size, *args.epochs_list) < 1 or args.limit_per_class < 0:
-        parser.error("--epochs, --batch-size, --epochs-list must be >= 1, --limit-per-class >= 0")
+    if min(args.epochs, args.batch_size, args.repeat, *args.epochs_list) < 1:
+        parser.error("--epochs, --batch-size, --repeat, --epochs-list must be >= 1")
+    if args.limit_per_class < 0:
+        parser.error("--limit-per-class must be >= 0")
     if args.publish and (args.limit_per_class or args.dataset.resolve() != DEFAULT_DATASET):
         parser.error("--publish is for the full default dataset only (no --limit-per-class)")
     if not (args.dataset / "training").is_dir() or not (args.dataset / "labels.json").is_file():
@@ -131,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = prepare_datasets(args, scratch)
         results = {}
         for variant in args.variants:
-            spec = child_spec(args, variant, datasets, scratch)
-            results[variant] = run_child(spec, scratch, args.out)
+            results[variant] = run_variant(args, variant, datasets, scratch)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -156,6 +164,7 @@ def settings(args: argparse.Namespace) -> dict:
         "epochs_list": args.epochs_list,
         "feature_cache": args.feature_cache,
         "variants": args.variants,
+        "repeat": args.repeat,
     }
 
 
@@ -251,10 +260,40 @@ def warm_page_cache(root: Path) -> None:
 # --------------------------------------------------------------------------- child processes
 
 
+def run_variant(args: argparse.Namespace, variant: str, datasets: dict, scratch: Path) -> dict:
+    """Run a variant (`--repeat` times, except the long per-epoch one); keep the fastest run.
+
+    This machine's speed varies between runs minutes apart (the same pass has taken 41 s and
+    86 s), so the fastest of several runs is the better estimate of what the code costs.
+    """
+    runs = 1 if variant == "classic" else args.repeat
+    reports = []
+    for run in range(runs):
+        spec = child_spec(args, variant, datasets, scratch / f"run{run + 1}")
+        reports.append(run_child(spec, scratch / f"run{run + 1}", args.out))
+    ok = [r for r in reports if r.get("ok")]
+    if not ok:
+        return reports[-1]
+    best = min(ok, key=lambda r: pipeline_seconds(variant, r))
+    if runs > 1:
+        best = {
+            **best,
+            "repeats": [
+                {
+                    "pipeline_s": pipeline_seconds(variant, r) if r.get("ok") else None,
+                    "peak_rss_mb": r["peak_rss_mb"],
+                    "process_wall_s": r["process_wall_s"],
+                }
+                for r in reports
+            ],
+        }
+    return best
+
+
 def child_spec(args: argparse.Namespace, variant: str, datasets: dict, scratch: Path) -> dict:
     """What a child needs: the variant, the dataset, the settings, a fresh work folder."""
     work = scratch / variant
-    work.mkdir()
+    work.mkdir(parents=True)
     spec = {
         "variant": variant,
         "work_dir": str(work),

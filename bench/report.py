@@ -137,7 +137,13 @@ def markdown_report(summary: dict) -> str:
         f"after. {m['date_utc']}, commit {m['git_commit']}"
         + (" + uncommitted changes" if m["git_dirty"] else "")
         + ".  ",
-        f"Command: `{s['command']}`",
+        f"Command: `{s['command']}`"
+        + (
+            f"; the floor and the project ran {s['repeat']} times each, in new processes and "
+            "folders, and the fastest run of each is shown (all runs are in the JSON)"
+            if s.get("repeat", 1) > 1
+            else ""
+        ),
         "",
         "| wall seconds | " + " | ".join(TITLES[c] for c in columns) + " |",
         "|---|" + "---:|" * len(columns),
