@@ -168,4 +168,7 @@ def test_end_to_end_on_real_photos_with_bundled_weights(tmp_path):
     results = json.loads((tmp_path / config["evaluate_result_dir"] / "results.json").read_text())
     assert results["num_images"] == 40
     assert results["top_1_accuracy"] >= 0.6
+    if config.get("quantize"):  # the bundled default quantizes: both quantized models as well
+        assert results["quantized_keras_top_1_accuracy"] >= 0.6
+        assert results["quantized_tflite_top_1_accuracy"] >= 0.6
     assert SAMPLES.is_dir()

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, SAMPLES, make_dataset, tiny_base_model, write_config
 from mct_quantizers import KerasQuantizationWrapper
+from PIL import Image
 
 from tl_helpers import quantize
 from tl_helpers.config import load_configuration
@@ -205,3 +206,6 @@ def test_notebook_with_quantization_on(tmp_path):
     assert results["quantization"]["calibration_images"] == 8
     assert results["quantization"]["models"]["quantized_keras"]["num_images"] == 6
     assert results["configuration"]["quantize"] is True
+    chart = tmp_path / "out" / "model" / "figures" / "float_vs_quantized.png"
+    with Image.open(chart) as image:  # the float vs quantized Top-1 chart (issue 5)
+        assert image.width >= 300 and image.height >= 200
