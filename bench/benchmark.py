@@ -263,8 +263,8 @@ def warm_page_cache(root: Path) -> None:
 def run_variant(args: argparse.Namespace, variant: str, datasets: dict, scratch: Path) -> dict:
     """Run a variant (`--repeat` times, except the long per-epoch one); keep the fastest run.
 
-    This machine's speed varies between runs minutes apart (the same pass has taken 41 s and
-    86 s), so the fastest of several runs is the better estimate of what the code costs.
+    This machine's speed varies between runs minutes apart (the floor's pass has taken 37 s and
+    82 s), so the fastest of several runs is the better estimate of what the code costs.
     """
     runs = 1 if variant == "classic" else args.repeat
     reports = []
