@@ -148,10 +148,12 @@ def head_on_features(
     if features.model_key is None or describable_key(extractor, image_size) != features.model_key:
         return None, {**fallback, "why": "its base differs from the one that computed features"}
     probabilities = head(features.validation, training=False).numpy()
-    check = min(len(validation), CHECK_IMAGES)
-    images = next(iter_batches(validation.paths[:check], image_size, check))
+    # Images spread over the whole (class-sorted) list, so every class is likely checked.
+    rows = np.unique(np.linspace(0, len(validation) - 1, CHECK_IMAGES).round().astype(int))
+    check = len(rows)
+    images = next(iter_batches([validation.paths[i] for i in rows], image_size, check))
     full = model(images, training=False).numpy()
-    difference = float(np.abs(full - probabilities[:check]).max())
+    difference = float(np.abs(full - probabilities[rows]).max())
     if difference > CHECK_TOLERANCE:
         print(
             f"Warning: the saved model and its head on the training pass's features differ by "
