@@ -8,7 +8,8 @@ An entry is keyed by everything that decides a feature, and nothing else:
 - the feature extractor (preprocessing + base model after `remove_top_layer_if_needed()` +
   pooling): its architecture with layer names normalised, and every weight array's bytes;
 - `input_tensor_size`, the TensorFlow version, and the image loading code (the source of
-  `dataset.load_images` and `inference.predict_images`, plus `PIPELINE_VERSION`).
+  `dataset.load_images`, `inference.predict_images` and `inference.predict_batches`, plus
+  `PIPELINE_VERSION`).
 
 The model part of the key names one file, `<cache dir>/features-<key>.npz`, holding the images'
 digests, their float32 features (stored as computed: a cache hit gives the very same numbers)
@@ -169,7 +170,7 @@ def _is_node_reference(value: list, names: dict[str, str]) -> bool:
 def _code_digest() -> str:
     """SHA-256 of the code that turns a file into the extractor's input (changes invalidate)."""
     digest = hashlib.sha256()
-    for function in (dataset.load_images, inference.predict_images):
+    for function in (dataset.load_images, inference.predict_images, inference.predict_batches):
         try:
             digest.update(inspect.getsource(function).encode())
         except (OSError, TypeError):  # installed without sources: PIPELINE_VERSION must do

@@ -23,6 +23,7 @@ RESULTS_FILE = "results.json"
 # this many validation images; probabilities may differ by float rounding only.
 CHECK_IMAGES = 32
 CHECK_TOLERANCE = 1e-4
+FULL_PASS = "saved model on every validation image"  # results["evaluation"]["method"]
 
 
 def load_saved_model(model_dir: str | Path) -> keras.Model:
@@ -101,7 +102,7 @@ def evaluate_saved_model(
     (see `head_on_features`). Otherwise the whole reloaded model runs on every image.
     """
     model = load_saved_model(model_dir)
-    probabilities, method = None, {"method": "saved model on every validation image"}
+    probabilities, method = None, {"method": FULL_PASS}
     if features is not None:
         probabilities, method = head_on_features(model, validation, image_size, features)
     if probabilities is None:
@@ -135,7 +136,7 @@ def head_on_features(
     its head on the features is running the saved model on the images, minus a second pass of
     the base. Returns (None, reason) when any of this does not hold.
     """
-    fallback = {"method": "saved model on every validation image"}
+    fallback = {"method": FULL_PASS}
     if features.validation is None or features.validation_paths != tuple(
         map(str, validation.paths)
     ):

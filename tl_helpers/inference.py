@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -29,20 +29,33 @@ def predict_images(
 
     A file that cannot be decoded stops the pass with a TLError naming it.
     """
-    paths = list(paths)
-    if not paths:
-        raise ValueError("predict_images: no images")
     run = tf.function(
         lambda x: model(x, training=False),
         input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
     )
+    return predict_batches(lambda batch: run(batch).numpy(), paths, image_size, batch_size, title)
+
+
+def predict_batches(
+    run: Callable[[tf.Tensor], np.ndarray],
+    paths: Sequence[str],
+    image_size: int,
+    batch_size: int = INFERENCE_BATCH_SIZE,
+    title: str = "",
+) -> np.ndarray:
+    """Apply `run` (a batch of raw-pixel images -> a batch of outputs) to every image in
+    `paths`, in order, with a progress bar; any model runner (Keras, TFLite) shares this loop.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("predict_images: no images")
     if title:
         print(f"{title}: {len(paths)} images")
     progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
     outputs = None  # filled in place: no list of batches to concatenate (half the peak memory)
     done = 0
     for batch in iter_batches(paths, image_size, batch_size):
-        result = run(batch).numpy()
+        result = run(batch)
         if outputs is None:
             outputs = np.empty((len(paths), *result.shape[1:]), dtype=result.dtype)
         outputs[done : done + len(result)] = result

@@ -34,7 +34,7 @@ from tl_helpers.dataset import ImageFolder, iter_batches
 from tl_helpers.errors import TLError
 from tl_helpers.evaluate import classification_report
 from tl_helpers.export import LABELS_FILE, replace_directory, write_json
-from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_images
+from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_batches, predict_images
 from tl_helpers.progress import ticking
 
 keras = tf.keras
@@ -202,20 +202,22 @@ def export_quantized(
     tmp = Path(tempfile.mkdtemp(prefix=f".{QUANTIZED_DIR}.tmp-", dir=output_dir))
     try:
         # The .keras first: the TFLite exporter removes MCT's metadata layer from the model.
-        with ticking(f"Writing {KERAS_FILE}"):
-            exporter.keras_export_model(
-                model=quantized,
-                save_model_path=str(tmp / KERAS_FILE),
-                serialization_format=exporter.KerasExportSerializationFormat.KERAS,
-                quantization_format=exporter.QuantizationFormat.MCTQ,
-            )
-        with ticking(f"Converting to {TFLITE_FILE}"):
-            exporter.keras_export_model(
-                model=quantized,
-                save_model_path=str(tmp / TFLITE_FILE),
-                serialization_format=exporter.KerasExportSerializationFormat.TFLITE,
-                quantization_format=exporter.QuantizationFormat.INT8,
-            )
+        serialization, quantization = (
+            exporter.KerasExportSerializationFormat,
+            exporter.QuantizationFormat,
+        )
+        formats = (
+            ("Writing", KERAS_FILE, serialization.KERAS, quantization.MCTQ),
+            ("Converting to", TFLITE_FILE, serialization.TFLITE, quantization.INT8),
+        )
+        for verb, file_name, serialization_format, quantization_format in formats:
+            with ticking(f"{verb} {file_name}"):
+                exporter.keras_export_model(
+                    model=quantized,
+                    save_model_path=str(tmp / file_name),
+                    serialization_format=serialization_format,
+                    quantization_format=quantization_format,
+                )
         if labels is not None:
             write_json(tmp / LABELS_FILE, dict(sorted(labels.items(), key=lambda kv: kv[1])))
         replace_directory(tmp, final)
@@ -232,7 +234,6 @@ def quantize_for_imx500(
     if not config.quantize:
         print('Quantization is off: set "quantize": true in configuration.json to run it.')
         return None
-    check_quantizable(classifier)
     paths = calibration_paths(
         training, config.calibration_batch_size, config.calibration_batches, config.seed
     )
@@ -283,26 +284,21 @@ def predict_tflite(
     title: str = "",
 ) -> np.ndarray:
     """Run a TFLite model on every image in `paths`, in order, batched; show a progress bar."""
-    paths = list(paths)
-    if not paths:
-        raise ValueError("predict_tflite: no images")
     interpreter = tf.lite.Interpreter(model_path=str(model_file), num_threads=os.cpu_count())
     input_index = interpreter.get_input_details()[0]["index"]
-    if title:
-        print(f"{title}: {len(paths)} images")
-    progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
-    outputs = []
     shape = None
-    for batch in iter_batches(paths, image_size, batch_size):
+
+    def run(batch: tf.Tensor) -> np.ndarray:
+        nonlocal shape
         if batch.shape != shape:  # a new batch size (the last batch): resize the input
             shape = batch.shape
             interpreter.resize_tensor_input(input_index, list(shape))
             interpreter.allocate_tensors()
         _set_input(interpreter, batch.numpy())
         interpreter.invoke()
-        outputs.append(_get_output(interpreter))
-        progress.update(sum(len(o) for o in outputs))
-    return np.concatenate(outputs, axis=0)
+        return _get_output(interpreter)
+
+    return predict_batches(run, paths, image_size, batch_size, title)
 
 
 def _set_input(interpreter: tf.lite.Interpreter, batch: np.ndarray) -> None:
