@@ -9,6 +9,8 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 - project:    the notebook itself: its code cells executed in order, each timed and booked to
               a phase; the feature cache in a new empty folder (a first run), or off;
 - project_2x: the same on a copy of the dataset twice as large, for memory scaling;
+- project_quantize: the same with "quantize": true, to time the quantization step's parts
+              (MCT, calibration loading, export, quantized evaluation);
 - classic:    the per-epoch procedure of the public reference notebook (Keras folder dataset,
               `fit` running the frozen network over every image every epoch, save, reload,
               batch-1 evaluation), class ids mapped to labels.json so Top-1 is comparable;
@@ -261,12 +263,13 @@ def warm_page_cache(root: Path) -> None:
 
 
 def run_variant(args: argparse.Namespace, variant: str, datasets: dict, scratch: Path) -> dict:
-    """Run a variant (`--repeat` times, except the long per-epoch one); keep the fastest run.
+    """Run a variant (`--repeat` times, except the long per-epoch and quantize-on ones); keep
+    the fastest run.
 
     This machine's speed varies between runs minutes apart (the floor's pass has taken 37 s and
     82 s), so the fastest of several runs is the better estimate of what the code costs.
     """
-    runs = 1 if variant == "classic" else args.repeat
+    runs = 1 if variant in ("classic", "project_quantize") else args.repeat
     reports = []
     for run in range(runs):
         spec = child_spec(args, variant, datasets, scratch / f"run{run + 1}")
@@ -310,11 +313,13 @@ def child_spec(args: argparse.Namespace, variant: str, datasets: dict, scratch: 
         "learning_rate": 0.001,
     }
     if variant.startswith("project"):
-        spec["configuration"] = write_configuration(spec, args.feature_cache)
+        spec["configuration"] = write_configuration(
+            spec, args.feature_cache, quantize=variant == "project_quantize"
+        )
     return spec
 
 
-def write_configuration(spec: dict, cache_mode: str) -> dict:
+def write_configuration(spec: dict, cache_mode: str, quantize: bool = False) -> dict:
     """configuration.json in the child's work folder, the feature cache cold or off."""
     from tl_helpers import config  # no TensorFlow import
 
@@ -330,6 +335,7 @@ def write_configuration(spec: dict, cache_mode: str) -> dict:
         "output_dir": str(work / "output" / "model"),
         "evaluate_result_dir": str(work / "output" / "evaluation"),
         "mobilenet_alpha": spec["alpha"],
+        "quantize": quantize,
     }
     settings.update(feature_cache_settings(config.SCHEMA_PATH, cache_mode, work / "feature_cache"))
     (work / "configuration.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")

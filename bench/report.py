@@ -5,10 +5,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-VARIANTS = ("floor", "project", "project_2x", "classic")
+VARIANTS = ("floor", "project", "project_2x", "project_quantize", "classic")
 TITLES = {
     "project": "this project",
     "project_2x": "this project, 2x dataset",
+    "project_quantize": "this project, quantize on",
     "classic": "per-epoch procedure",
     "floor": "floor (one backbone pass)",
 }
@@ -16,6 +17,7 @@ BAR_LABELS = {
     "floor": "floor",
     "project": "this project",
     "project_2x": "this project,\n2x dataset",
+    "project_quantize": "this project,\nquantize on",
     "classic": "per-epoch\nprocedure",
 }
 # The pipeline's phases (configuration through results.json), in order, with table titles.
@@ -113,6 +115,16 @@ def check_targets(summary: dict) -> list[dict]:
     if "project" in v and "project_2x" in v:
         growth = v["project_2x"]["peak_rss_mb"] / v["project"]["peak_rss_mb"] - 1
         add("peak memory within 10% when the dataset doubles", f"{growth:+.1%}", growth <= 0.1)
+    q = v.get("project_quantize", {}).get("quantization")
+    if q:
+        images, given = q["calibration_images"], q["calibration_images_given_to_mct"]
+        add(
+            "quantization: one pass over the calibration images plus MCT's work",
+            f"{q['calibration_images_decoded']} of {images} calibration images decoded, "
+            f"{given} given to MCT",
+            q["calibration_images_decoded"] == images
+            and given <= images + q["calibration_batch_size"],
+        )
     return targets
 
 
@@ -172,6 +184,7 @@ def markdown_report(summary: dict) -> str:
     for title, show in rows:
         lines.append(f"| {title} | " + " | ".join(show(ok[c]) for c in columns) + " |")
     lines += _curve_table(summary, ok)
+    lines += _quantization_table(ok)
     if summary["targets"]:
         lines += ["", "| target | measured | holds |", "|---|---|---|"]
         for t in summary["targets"]:
@@ -200,6 +213,53 @@ def _curve_table(summary: dict, ok: dict) -> list[str]:
         cells += [_cell(ok["floor"]["total_s"])] if floor else []
         mark = " (measured)" if e == s["epochs"] else ""
         lines.append(f"| {e}{mark} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _quantization_table(ok: dict) -> list[str]:
+    """Markdown lines of the quantization step's parts (empty without a quantize-on run)."""
+    q = ok.get("project_quantize", {}).get("quantization")
+    if not q:
+        return []
+    images, floor_rate = q["calibration_images"], ok.get("floor", {}).get("backbone_images_per_s")
+    one_pass = f"{images / floor_rate:.1f}" if floor_rate else "–"
+    top = q["top_1"]
+    rows = [
+        ("calibration images (training set, seeded sample)", f"{images}"),
+        (
+            "calibration images decoded / given to MCT",
+            f"{q['calibration_images_decoded']} / {q['calibration_images_given_to_mct']} "
+            "(MCT reads the first batch twice; it is decoded once)",
+        ),
+        ("import MCT", f"{q['mct_import_s']:.1f}"),
+        (
+            "MCT waiting for calibration images (decoded in parallel with its work)",
+            f"{q['calibration_loading_s']:.1f}",
+        ),
+        (
+            "MCT post-training quantization (statistics, thresholds)",
+            f"{q['mct_quantization_s']:.1f}",
+        ),
+        ("for scale: one backbone pass over them at the floor's rate", one_pass),
+        ("export (.keras for the IMX500 converter, int8 .tflite)", f"{q['export_s']:.1f}"),
+        (
+            f"Top-1 of both quantized models on {q['validation_images']} validation images",
+            f"{q['evaluation_s']:.1f}",
+        ),
+        (
+            "Top-1 float / quantized .keras / int8 .tflite",
+            f"{top['float']:.4f} / {top['quantized_keras']:.4f} / {top['quantized_tflite']:.4f}",
+        ),
+    ]
+    lines = [
+        "",
+        f"Quantization step of the quantize-on run ({q['tool']}, IMX500 TPC "
+        f"{q['tpc_version']}, batches of {q['calibration_batch_size']}); wall seconds:",
+        "",
+        "| part | seconds / value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {title} | {value} |" for title, value in rows]
     return lines
 
 

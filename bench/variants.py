@@ -25,12 +25,12 @@ MB = 1_000_000
 # A notebook cell's phase: the first pattern its source matches (order matters: the training
 # cell also names tl.plots, the figures cell also names tl.dataset).
 CELL_PHASES = (
+    ("quantization", r"quantiz"),  # first: the quantized-results cell also saves results.json
     ("backbone", r"\.compute_features\("),
     ("training", r"\.train_head\("),
     ("save", r"\.save_model\("),
     ("evaluation", r"\.evaluate_saved_model\("),
     ("results", r"\.save_results\("),
-    ("quantization", r"quantiz"),
     ("figures", r"\.plots\.|print_class_warnings"),
     ("model", r"load_base_model|remove_top_layer_if_needed|build_classifier"),
     ("scan", r"\.dataset\."),
@@ -51,7 +51,7 @@ def child_main(argv: list[str]) -> int:
         import tl_helpers.inference
         import tl_helpers.train  # noqa: F401  (imported to be instrumented)
     runners = {"floor": run_floor, "project": run_project, "classic": run_classic}
-    report = runners[spec["variant"].removesuffix("_2x")](spec, clock)
+    report = runners[spec["variant"].split("_")[0]](spec, clock)
     report.update(
         ok=True,
         phases=clock.phases,
@@ -145,7 +145,12 @@ def run_project(spec: dict, clock: Clock) -> dict:
     results = json.loads((Path(cfg.evaluate_result_dir) / "results.json").read_text())
     train_set, validation_set = namespace["train_set"], namespace["validation_set"]
     images = len(train_set) + len(validation_set)
-    passes = [s for s in clock.spans if s["call"] == "predict_images"]
+    # Backbone runs of the pipeline; the quantized models' evaluation is reported on its own.
+    passes = [
+        s
+        for s in clock.spans
+        if s["call"] == "predict_images" and s["phase"] in ("backbone", "evaluation")
+    ]
     cache_dir = Path(cfg.feature_cache_dir) if getattr(cfg, "feature_cache", False) else None
     return {
         "images": {"training": len(train_set), "validation": len(validation_set)},
@@ -157,6 +162,42 @@ def run_project(spec: dict, clock: Clock) -> dict:
         "evaluation_images_per_s": rate([s for s in passes if s["phase"] == "evaluation"]),
         "feature_cache_bytes": folder_bytes(cache_dir) if cache_dir else None,
         "saved_model_bytes": folder_bytes(Path(namespace["model_dir"])),
+        "quantization": quantization_report(clock, results),
+    }
+
+
+def quantization_report(clock: Clock, results: dict) -> dict | None:
+    """The quantization step's parts (quantize on): MCT, calibration loading, export, evaluation.
+
+    Calibration batches are loaded inside MCT's call (it iterates the representative dataset);
+    the time MCT waits for them is measured apart and taken out of MCT's share.
+    """
+    details = results.get("quantization")
+    if not details:
+        return None
+    spans = [s for s in clock.spans if s["phase"] == "quantization"]
+
+    def seconds(call: str) -> float:
+        return sum(s["seconds"] for s in spans if s["call"] == call)
+
+    batches = [s for s in spans if s["call"] == "calibration_batch"]
+    loaded = [s for s in batches if s["decoded"]]
+    images = details["calibration_images"]
+    return {
+        "calibration_images": images,
+        "calibration_batch_size": details["calibration_batch_size"],
+        "tpc_version": details["tpc_version"],
+        "tool": details["tool"],
+        "mct_import_s": seconds("_mct"),
+        "calibration_loading_s": sum(s["seconds"] for s in batches),
+        "calibration_images_decoded": sum(s["images"] for s in loaded),
+        "calibration_images_given_to_mct": sum(s["images"] for s in batches),
+        "mct_quantization_s": seconds("quantize_model") - sum(s["seconds"] for s in batches),
+        "export_s": seconds("export_quantized"),
+        "evaluation_s": seconds("evaluate_quantized"),
+        "validation_images": details["models"]["float"]["num_images"],
+        "top_1": {name: model["top_1_accuracy"] for name, model in details["models"].items()},
+        "size_bytes": {name: model["size_bytes"] for name, model in details["models"].items()},
     }
 
 
@@ -178,6 +219,7 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
     """Time backbone passes and the reload from inside; time the head's epochs; no extra work."""
     import tl_helpers.evaluate
     import tl_helpers.inference
+    import tl_helpers.quantize
     import tl_helpers.train
 
     def timed(original: Callable, call: str) -> Callable:
@@ -202,8 +244,38 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
         return wrapper
 
     replace(tl_helpers.inference.predict_images, timed, "predict_images")
+    for name in ("_mct", "quantize_model", "export_quantized", "evaluate_quantized"):
+        replace(getattr(tl_helpers.quantize, name), timed, name)
+    tl_helpers.quantize.CalibrationData.__iter__ = timed_calibration(
+        clock, tl_helpers.quantize.CalibrationData.__iter__
+    )
     replace(tl_helpers.evaluate.load_saved_model, timed, "load_saved_model")
     replace(tl_helpers.train.train_head, lambda f, _: with_epoch_timer(f), "train_head")
+
+
+def timed_calibration(clock: Clock, original: Callable) -> Callable:
+    """Wrap CalibrationData.__iter__: record each batch MCT takes, its loading time, and
+    whether it was decoded (MCT reads the first batch twice; it is decoded once)."""
+
+    def batches(self):
+        iterator = original(self)
+        while True:
+            cached = self._first is not None
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            decoded = not (cached and batch[0] is self._first)
+            clock.span(
+                "calibration_batch",
+                time.perf_counter() - start,
+                images=len(batch[0]),
+                decoded=decoded,
+            )
+            yield batch
+
+    return batches
 
 
 def replace(original: Callable, make: Callable, name: str) -> None:

@@ -205,6 +205,18 @@ def test_config_module_imports_fast_without_tensorflow_or_jsonschema() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
+def test_jsonschema_is_imported_without_the_slow_iri_parser_which_stays_importable() -> None:
+    """Jupyter installs rfc3987_syntax (seconds to import); checking a file must not load it,
+    and the hiding must not leak: the package imports normally afterwards."""
+    pytest.importorskip("rfc3987_syntax")
+    code = (
+        "import sys; from tl_helpers import config; config._validator(); "
+        "assert 'jsonschema' in sys.modules and 'rfc3987_syntax' not in sys.modules; "
+        "import rfc3987_syntax; assert rfc3987_syntax.is_valid_syntax('iri', 'http://a.b/c')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
 # --- the file itself ---------------------------------------------------------------------------
 
 

@@ -53,6 +53,38 @@ def test_history_has_per_epoch_metrics(trained):
     assert history["loss"][-1] < history["loss"][0]
 
 
+def test_one_call_per_epoch_trains_the_model_step_by_step_fit_trains(trained):
+    """train_head runs each epoch's steps in one call; the model must be the one plain fit gives
+    (same seed, same batches, dropout included), last partial batch included (30 / 8)."""
+    f = trained["features"]
+    features = train.Features(f.train[:30], f.train_ids[:30])
+    num_classes = trained["classifier"].output_shape[-1]
+    classifier = model.build_classifier(
+        model.load_base_model(None, SIZE, 0.35), trained["labels"], SIZE
+    )
+    weights, losses = [], []
+    for steps in (None, 1):
+        keras.utils.set_random_seed(7)
+        if steps is None:
+            history = train.train_head(classifier, features, 3, 8, verbose=0)
+            layer = classifier.get_layer(model.PREDICTIONS_LAYER)
+        else:
+            head = model.build_head(f.train.shape[1], num_classes)
+            head.compile(
+                optimizer=keras.optimizers.Adam(0.001),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                steps_per_execution=steps,
+            )
+            history = head.fit(features.train, features.train_ids, 8, 3, verbose=0, shuffle=True)
+            layer = head.get_layer(model.PREDICTIONS_LAYER)
+        weights.append(layer.get_weights())
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    for a, b in zip(weights[0], weights[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_full_model_matches_head_on_cached_features(trained):
     """The classifier (preprocessing + base + pooling + head) equals head(features)."""
     classifier, f = trained["classifier"], trained["features"]

@@ -3,8 +3,8 @@
 The rules live in configuration_schema.json (types, ranges, defaults and the documentation of
 every key); this module adds what a schema cannot say (files and folders exist, no symbolic
 links) and turns every problem into a TLError that names the key and says how to fix it.
-It does not import TensorFlow, and imports jsonschema only when a file is checked (with the
-optional RFC 3987 parser installed, as Jupyter installs it, that import takes seconds).
+It does not import TensorFlow, and imports jsonschema only when a file is checked (see
+`import_jsonschema` for why that import is handled with care).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import difflib
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tl_helpers.errors import TLError
@@ -54,9 +56,31 @@ def _is_strict_integer(checker: Any, instance: object) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
+def import_jsonschema() -> ModuleType:
+    """Import jsonschema without loading the optional `rfc3987_syntax` package.
+
+    Jupyter installs `rfc3987_syntax`, and jsonschema imports it when present to check the
+    "iri" formats; it compiles a grammar on import, 2-3 s on a 2-core machine, in every kernel
+    and every nbformat user. No schema used here (ours, nbformat's) has those formats, so the
+    package is hidden while jsonschema loads; `import rfc3987_syntax` still works afterwards.
+    """
+    if "jsonschema" in sys.modules:
+        return sys.modules["jsonschema"]
+    hide = "rfc3987_syntax" not in sys.modules
+    if hide:
+        sys.modules["rfc3987_syntax"] = None  # makes `import rfc3987_syntax` raise ImportError
+    try:
+        import jsonschema
+    finally:
+        if hide and sys.modules.get("rfc3987_syntax", False) is None:
+            del sys.modules["rfc3987_syntax"]
+    return jsonschema
+
+
 @functools.cache
 def _validator() -> Any:
-    """Build the schema validator on first use: importing jsonschema can take seconds."""
+    """Build the schema validator on first use."""
+    import_jsonschema()
     from jsonschema import Draft202012Validator
     from jsonschema.validators import extend
 

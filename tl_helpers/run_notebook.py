@@ -14,9 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from tl_helpers.config import import_jsonschema
+
+import_jsonschema()  # before nbformat imports it: seconds faster (see import_jsonschema)
+
+import nbformat  # noqa: E402
+from nbclient import NotebookClient  # noqa: E402
+from nbclient.exceptions import CellExecutionError  # noqa: E402
 
 DEFAULT_NOTEBOOK = "image_classification.ipynb"
 
