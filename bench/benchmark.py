@@ -51,6 +51,7 @@ README_END = "<!-- benchmark results: end -->"
 CHART_LINK = "docs/benchmark/benchmark.png"  # relative to README.md
 JPEG_START = b"\xff\xd8"
 JPEG_COMMENT = b"\xff\xfe"
+ONCE = ("project_quantize", "classic")  # long runs: first round only
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=args.out))
     try:
         datasets = prepare_datasets(args, scratch)
-        results = {}
-        for variant in args.variants:
-            results[variant] = run_variant(args, variant, datasets, scratch)
+        results = run_variants(args, datasets, scratch)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -262,28 +261,40 @@ def warm_page_cache(root: Path) -> None:
 # --------------------------------------------------------------------------- child processes
 
 
-def run_variant(args: argparse.Namespace, variant: str, datasets: dict, scratch: Path) -> dict:
-    """Run a variant (`--repeat` times, except the long per-epoch and quantize-on ones); keep
-    the fastest run.
+def run_variants(args: argparse.Namespace, datasets: dict, scratch: Path) -> dict[str, dict]:
+    """Run every variant in rounds (`--repeat`); keep each variant's fastest run.
 
     This machine's speed varies between runs minutes apart (the floor's pass has taken 37 s and
-    82 s), so the fastest of several runs is the better estimate of what the code costs.
+    82 s), so the fastest of several runs is the better estimate of what the code costs, and
+    the rounds interleave the variants (floor, project, ..., floor, project, ...) so that a
+    slow spell does not fall on one variant's runs only. The per-epoch procedure and the
+    quantize-on run are long and run in the first round only.
     """
-    runs = 1 if variant in ("classic", "project_quantize") else args.repeat
-    reports = []
-    for run in range(runs):
-        spec = child_spec(args, variant, datasets, scratch / f"run{run + 1}")
-        reports.append(run_child(spec, scratch / f"run{run + 1}", args.out))
+    reports: dict[str, list[dict]] = {variant: [] for variant in args.variants}
+    for run in range(args.repeat):
+        for variant in args.variants:
+            if run and variant in ONCE:
+                continue
+            work = scratch / f"run{run + 1}"
+            spec = child_spec(args, variant, datasets, work)
+            reports[variant].append({**run_child(spec, work, args.out), "round": run + 1})
+    return {variant: best_run(variant, runs) for variant, runs in reports.items()}
+
+
+def best_run(variant: str, reports: list[dict]) -> dict:
+    """The fastest successful run, with every run's total listed (`repeats`)."""
     ok = [r for r in reports if r.get("ok")]
     if not ok:
         return reports[-1]
     best = min(ok, key=lambda r: pipeline_seconds(variant, r))
-    if runs > 1:
+    if len(reports) > 1:
         best = {
             **best,
             "repeats": [
                 {
+                    "round": r["round"],
                     "pipeline_s": pipeline_seconds(variant, r) if r.get("ok") else None,
+                    "backbone_s": r.get("phases", {}).get("backbone"),
                     "peak_rss_mb": r["peak_rss_mb"],
                     "process_wall_s": r["process_wall_s"],
                 }

@@ -90,8 +90,21 @@ def check_targets(summary: dict) -> list[dict]:
         targets.append({"target": target, "measured": measured, "holds": bool(holds)})
 
     if "project" in v and "floor" in v:
-        ratio = v["project"]["total_s"] / v["floor"]["total_s"]
-        add("pipeline total within 1.3x the floor", f"{ratio:.2f}x", ratio <= 1.3)
+        # Separate processes minutes apart can run at different speeds on this machine, so the
+        # ratio is also given against the project's own backbone pass (same process, same
+        # work as the floor's pass plus hashing) and round by round; all must hold.
+        project, floor = v["project"], v["floor"]
+        ratio = project["total_s"] / floor["total_s"]
+        own = project["total_s"] / project["phases"]["backbone"]
+        rounds = round_ratios(project, floor)
+        shown = f"{ratio:.2f}x (fastest runs); {own:.2f}x the project's own pass"
+        if rounds:
+            shown += "; by round: " + ", ".join(f"{r:.2f}x" for r in rounds)
+        add(
+            "pipeline total within 1.3x the floor",
+            shown,
+            max([ratio, own, *rounds]) <= 1.3,
+        )
     if "project" in v and "classic" in v:
         speedup = v["classic"]["total_s"] / v["project"]["total_s"]
         add(f"6x faster than per-epoch at {epochs} epochs", f"{speedup:.1f}x", speedup >= 6)
@@ -128,6 +141,16 @@ def check_targets(summary: dict) -> list[dict]:
     return targets
 
 
+def round_ratios(project: dict, floor: dict) -> list[float]:
+    """Project total / floor pass for each round in which both ran (`--repeat` > 1)."""
+    floors = {r["round"]: r["pipeline_s"] for r in floor.get("repeats", []) if r["pipeline_s"]}
+    return [
+        r["pipeline_s"] / floors[r["round"]]
+        for r in project.get("repeats", [])
+        if r["pipeline_s"] and r["round"] in floors
+    ]
+
+
 def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
     """A table cell: the formatted value, or a dash."""
     return "–" if value is None else fmt.format(value)
@@ -151,8 +174,9 @@ def markdown_report(summary: dict) -> str:
         + ".  ",
         f"Command: `{s['command']}`"
         + (
-            f"; the floor and the project ran {s['repeat']} times each, in new processes and "
-            "folders, and the fastest run of each is shown (all runs are in the JSON)"
+            f"; the variants ran in {s['repeat']} interleaved rounds (the per-epoch procedure and "
+            "the quantize-on run in the first only), each run in a new process and folder, and "
+            "the fastest run of each is shown (all runs are in the JSON)"
             if s.get("repeat", 1) > 1
             else ""
         ),
