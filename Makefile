@@ -30,7 +30,7 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
-## The benchmark (not a test; about 20 minutes on 2 cores, on a quiet machine): this project vs
+## The benchmark (not a test; about 27 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,
 ## table and chart published to docs/benchmark/ and README.md.
 ## Quick check of the script: make bench BENCH_ARGS="--limit-per-class 20 --epochs 2"
