@@ -299,7 +299,12 @@ def plot_chart(summary: dict, path: Path) -> Path | None:
 
     s, m, d = summary["settings"], summary["machine"], summary["datasets"]["1x"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(3, 2))
-    colours = {"project": "tab:blue", "project_2x": "tab:cyan", "classic": "tab:red"}
+    colours = {
+        "project": "tab:blue",
+        "project_2x": "tab:cyan",
+        "project_quantize": "tab:purple",
+        "classic": "tab:red",
+    }
     for variant in ("project", "classic"):
         curve = ok.get(variant, {}).get("time_by_epochs_s")
         if curve:
