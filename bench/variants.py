@@ -181,7 +181,7 @@ def quantization_report(clock: Clock, results: dict) -> dict | None:
         return sum(s["seconds"] for s in spans if s["call"] == call)
 
     batches = [s for s in spans if s["call"] == "calibration_batch"]
-    loaded = [s for s in batches if s["decoded"]]
+    decoded = [s for s in spans if s["call"] == "calibration_decode"]
     images = details["calibration_images"]
     return {
         "calibration_images": images,
@@ -190,7 +190,7 @@ def quantization_report(clock: Clock, results: dict) -> dict | None:
         "tool": details["tool"],
         "mct_import_s": seconds("_mct"),
         "calibration_loading_s": sum(s["seconds"] for s in batches),
-        "calibration_images_decoded": sum(s["images"] for s in loaded),
+        "calibration_images_decoded": sum(s["images"] for s in decoded),
         "calibration_images_given_to_mct": sum(s["images"] for s in batches),
         "mct_quantization_s": seconds("quantize_model") - sum(s["seconds"] for s in batches),
         "export_s": seconds("export_quantized"),
@@ -246,33 +246,31 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
     replace(tl_helpers.inference.predict_images, timed, "predict_images")
     for name in ("_mct", "quantize_model", "export_quantized", "evaluate_quantized"):
         replace(getattr(tl_helpers.quantize, name), timed, name)
-    tl_helpers.quantize.CalibrationData.__iter__ = timed_calibration(
-        clock, tl_helpers.quantize.CalibrationData.__iter__
+    # What MCT is given (CalibrationData batches, waits timed) and what is decoded (the
+    # quantize module's loader is used by CalibrationData only).
+    calibration = tl_helpers.quantize.CalibrationData
+    calibration.__iter__ = timed_batches(
+        clock, calibration.__iter__, "calibration_batch", lambda batch: len(batch[0])
+    )
+    tl_helpers.quantize.iter_batches = timed_batches(
+        clock, tl_helpers.quantize.iter_batches, "calibration_decode", len
     )
     replace(tl_helpers.evaluate.load_saved_model, timed, "load_saved_model")
     replace(tl_helpers.train.train_head, lambda f, _: with_epoch_timer(f), "train_head")
 
 
-def timed_calibration(clock: Clock, original: Callable) -> Callable:
-    """Wrap CalibrationData.__iter__: record each batch MCT takes, its loading time, and
-    whether it was decoded (MCT reads the first batch twice; it is decoded once)."""
+def timed_batches(clock: Clock, original: Callable, call: str, count: Callable) -> Callable:
+    """Wrap a batch generator function: record each batch's wait and image count (`count`)."""
 
-    def batches(self):
-        iterator = original(self)
+    def batches(*args, **kwargs):
+        iterator = original(*args, **kwargs)
         while True:
-            cached = self._first is not None
             start = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
-            decoded = not (cached and batch[0] is self._first)
-            clock.span(
-                "calibration_batch",
-                time.perf_counter() - start,
-                images=len(batch[0]),
-                decoded=decoded,
-            )
+            clock.span(call, time.perf_counter() - start, images=count(batch))
             yield batch
 
     return batches

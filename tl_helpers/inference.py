@@ -48,7 +48,7 @@ def predict_batches(
     """
     paths = list(paths)
     if not paths:
-        raise ValueError("predict_images: no images")
+        raise ValueError("predict_batches: no images")
     if title:
         print(f"{title}: {len(paths)} images")
     progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
