@@ -170,6 +170,23 @@ def test_real_backbone_on_real_images():
     assert len(wrappers) == sum(isinstance(layer, weighted) for layer in float_layers) > 50
     assert not any(isinstance(layer, keras.Model) for layer in quantized.layers)
 
+    # Weight thresholds clip nothing (quantization_config): each output channel's largest
+    # weight survives quantization. MCT's default (MSE search) keeps it in about 4% of them.
+    channels = kept = 0
+    for wrapper in wrappers:
+        for _, weight, quantizer in wrapper.get_weights_vars():
+            weight = weight.numpy()
+            others = tuple(
+                i for i in range(weight.ndim) if i != quantizer.channel_axis % weight.ndim
+            )
+            largest = np.abs(weight).max(axis=others)
+            largest_quantized = np.abs(quantizer(tf.constant(weight)).numpy()).max(axis=others)
+            channels += largest.size
+            kept += int(np.isclose(largest_quantized, largest, rtol=1e-5, atol=0).sum())
+    assert channels > 5000 and kept >= 0.99 * channels
+    settings = quantize.changed_settings(quantize.quantization_config())
+    assert settings == {"weights_error_method": "NOCLIPPING"}
+
     float_ids = predict_images(classifier, validation.paths, 96).argmax(1)
     quantized_ids = predict_images(quantized, validation.paths, 96).argmax(1)
     float_correct = int((float_ids == validation.class_ids).sum())
@@ -204,6 +221,9 @@ def test_notebook_with_quantization_on(tmp_path):
     ):
         assert 0.0 <= results[key] <= 1.0
     assert results["quantization"]["calibration_images"] == 8
+    assert results["quantization"]["settings_changed_from_mct_defaults"] == {
+        "weights_error_method": "NOCLIPPING"
+    }
     assert results["quantization"]["models"]["quantized_keras"]["num_images"] == 6
     assert results["configuration"]["quantize"] is True
     chart = tmp_path / "out" / "model" / "figures" / "float_vs_quantized.png"
