@@ -62,6 +62,7 @@ class QuantizedModel:
     calibration_batch_size: int
     quantization_seconds: float
     export_seconds: float
+    settings: dict[str, object]  # MCT settings that differ from its defaults
 
 
 @functools.cache
@@ -203,15 +204,19 @@ def changed_settings(config: Any) -> dict[str, object]:
 
 
 def quantize_model(
-    model: keras.Model, calibration: CalibrationData, tpc_version: str = "1.0"
+    model: keras.Model,
+    calibration: CalibrationData,
+    tpc_version: str = "1.0",
+    settings: Any = None,
 ) -> keras.Model:
-    """Run MCT post-training quantization for the IMX500 with `quantization_config()`."""
+    """Run MCT post-training quantization for the IMX500 with `settings` (an MCT
+    QuantizationConfig; default: `quantization_config()`)."""
     check_quantizable(model)
     mct = _mct()
     quantized, _ = mct.ptq.keras_post_training_quantization(
         model,
         calibration,
-        core_config=mct.core.CoreConfig(quantization_config=quantization_config()),
+        core_config=mct.core.CoreConfig(quantization_config=settings or quantization_config()),
         target_platform_capabilities=target_platform(tpc_version),
     )
     return quantized
@@ -269,8 +274,9 @@ def quantize_for_imx500(
         f"batches of up to {config.calibration_batch_size}; target {TARGET_PLATFORM.upper()}, "
         f"TPC {config.imx500_tpc_version}, MCT {_mct().__version__}"
     )
+    settings = quantization_config()
     start = time.perf_counter()
-    quantized = quantize_model(classifier, calibration, config.imx500_tpc_version)
+    quantized = quantize_model(classifier, calibration, config.imx500_tpc_version, settings)
     quantization_seconds = time.perf_counter() - start
     start = time.perf_counter()
     directory = export_quantized(quantized, config.output_dir, labels)
@@ -284,6 +290,7 @@ def quantize_for_imx500(
         calibration_batch_size=config.calibration_batch_size,
         quantization_seconds=quantization_seconds,
         export_seconds=export_seconds,
+        settings=changed_settings(settings),
     )
     print(
         f"Quantized in {quantization_seconds:.1f} s, exported in {export_seconds:.1f} s:\n"
@@ -404,7 +411,7 @@ def add_quantized_results(
             "tool": f"model-compression-toolkit {_mct().__version__}",
             "target_platform": TARGET_PLATFORM,
             "tpc_version": quantized.tpc_version,
-            "settings_changed_from_mct_defaults": changed_settings(quantization_config()),
+            "settings_changed_from_mct_defaults": quantized.settings,
             "calibration_images": quantized.calibration_images,
             "calibration_batch_size": quantized.calibration_batch_size,
             "quantization_seconds": round(quantized.quantization_seconds, 1),
