@@ -182,10 +182,9 @@ def quantization_config() -> Any:
 
     MCT's default picks each output channel's weight threshold by minimising the squared
     error, which may clip the largest weights; with NOCLIPPING the threshold covers the
-    channel's largest weight. On MobileNetV2 alpha 0.35 (many depthwise channels of 9
-    weights) this cut the quantized .keras model's Top-1 loss from 1.7 to 0.3 points on
-    flowers128; the int8 TFLite file lost more there, 2.2 points instead of 0.8 (README,
-    "Measured accuracy and time").
+    channel's largest weight. On MobileNetV2 alpha 0.35 this cut the quantized .keras model's
+    Top-1 loss from 1.7 to 0.3 points on flowers128; the int8 TFLite file lost more there,
+    2.2 points instead of 0.8 (README, "Measured accuracy and time").
     """
     mct = _mct()
     return mct.core.QuantizationConfig(
