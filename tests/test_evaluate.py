@@ -33,6 +33,26 @@ def test_class_without_validation_images():
     assert "b" in evaluate.format_results(r)
 
 
+def test_top_score_ties_counts_shared_maxima_and_true_classes_not_taken():
+    step = 1 / 256  # 8-bit outputs
+    scores = (
+        np.array(
+            [
+                [90, 90, 76],  # tie of 0 and 1, true 1: argmax takes 0 -> not taken
+                [90, 90, 76],  # same tie, true 0: taken
+                [50, 103, 103],  # tie of 1 and 2, true 0 not tied
+                [200, 50, 6],  # no tie
+                [85, 85, 86],  # equal runners-up below the top: no tie
+            ]
+        )
+        * step
+    )
+    true = np.array([1, 0, 0, 0, 0])
+    assert evaluate.top_score_ties(scores, true) == {"images": 3, "true_class_not_taken": 1}
+    float_scores = np.array([[0.4, 0.4 + 1e-7, 0.2 - 1e-7]])  # float: no exact tie
+    assert evaluate.top_score_ties(float_scores, np.array([0]))["images"] == 0
+
+
 def test_save_results_is_json_with_reference_key(tmp_path):
     r = evaluate.classification_report(np.array([0, 1]), np.array([0, 0]), {"a": 0, "b": 1}, 2)
     path = evaluate.save_results(r, tmp_path / "new" / "dir", configuration={"epochs": 3})

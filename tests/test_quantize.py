@@ -16,7 +16,7 @@ from tl_helpers import quantize
 from tl_helpers.config import load_configuration
 from tl_helpers.dataset import iter_batches, read_labels, scan_image_folder
 from tl_helpers.errors import TLError
-from tl_helpers.evaluate import evaluate_saved_model
+from tl_helpers.evaluate import evaluate_saved_model, top_score_ties
 from tl_helpers.export import save_model
 from tl_helpers.inference import predict_images
 from tl_helpers.model import build_classifier, load_base_model
@@ -95,8 +95,20 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capsys, monkeypatch):
     models = merged["quantization"]["models"]
     assert models["quantized_tflite"]["size_bytes"] == quantized.tflite_file.stat().st_size
     assert models["float"]["size_bytes"] > 0
+    assert models["quantized_tflite"]["top_score_ties"] == top_score_ties(
+        tflite_out, validation.class_ids
+    )
+    assert models["quantized_keras"]["top_score_ties"] == top_score_ties(
+        keras_out, validation.class_ids
+    )
     table = quantize.format_comparison(merged)
     assert "float (SavedModel)" in table and "int8 TFLite" in table and " pt" in table
+    models["quantized_tflite"]["top_score_ties"] = {"images": 3, "true_class_not_taken": 2}
+    models["quantized_keras"]["top_score_ties"] = {"images": 0, "true_class_not_taken": 0}
+    lines = quantize.format_comparison(merged).splitlines()
+    assert lines[-1].startswith("int8 TFLite (.tflite): 3 images have classes tied at the top")
+    assert "in 2 of them the true class was tied but not taken" in lines[-1]
+    assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
 
 
 def test_quantization_off_writes_nothing(tmp_path, capsys):

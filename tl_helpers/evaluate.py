@@ -32,6 +32,24 @@ def load_saved_model(model_dir: str | Path) -> keras.Model:
         return keras.models.load_model(model_dir, compile=False)
 
 
+def top_score_ties(scores: np.ndarray, true_ids: np.ndarray) -> dict[str, int]:
+    """Count the images whose highest score is shared by two or more classes.
+
+    Quantized models output 8-bit scores (steps of 1/256), so classes can tie at the top, and
+    Top-1 (argmax) then takes the lowest class id. `true_class_not_taken`: ties in which the
+    true class is one of the tied classes but not the one Top-1 takes.
+    """
+    scores = np.asarray(scores)
+    true_ids = np.asarray(true_ids, dtype=np.int64)
+    tied = scores == scores.max(axis=1, keepdims=True)
+    ties = tied.sum(axis=1) > 1
+    true_tied = tied[np.arange(len(true_ids)), true_ids]
+    return {
+        "images": int(ties.sum()),
+        "true_class_not_taken": int((ties & true_tied & (scores.argmax(axis=1) != true_ids)).sum()),
+    }
+
+
 def classification_report(
     true_ids: np.ndarray, predicted_ids: np.ndarray, labels: dict[str, int], num_outputs: int
 ) -> dict:

@@ -32,7 +32,7 @@ import tensorflow as tf
 from tl_helpers.config import Config
 from tl_helpers.dataset import ImageFolder, iter_batches
 from tl_helpers.errors import TLError
-from tl_helpers.evaluate import classification_report
+from tl_helpers.evaluate import classification_report, top_score_ties
 from tl_helpers.export import LABELS_FILE, replace_directory, write_json
 from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_batches, predict_images
 from tl_helpers.progress import ticking
@@ -372,12 +372,15 @@ def evaluate_quantized(
         ("quantized_keras", keras_probabilities),
         ("quantized_tflite", tflite_probabilities),
     ):
-        reports[name] = classification_report(
-            validation.class_ids,
-            probabilities.argmax(axis=1),
-            validation.labels,
-            probabilities.shape[1],
-        )
+        reports[name] = {
+            **classification_report(
+                validation.class_ids,
+                probabilities.argmax(axis=1),
+                validation.labels,
+                probabilities.shape[1],
+            ),
+            "top_score_ties": top_score_ties(probabilities, validation.class_ids),
+        }
     return reports
 
 
@@ -438,6 +441,14 @@ def format_comparison(results: dict) -> str:
         lines.append(f"{label:<26}{row['top_1_accuracy']:>8.4f}{correct:>11}{change:>10}{size:>11}")
     folder = Path(models["quantized_keras"]["file"]).parent
     lines.append(f"(size: files on disk; the quantized files are in {folder})")
+    for key in ("quantized_keras", "quantized_tflite"):
+        ties = models[key].get("top_score_ties") or {}
+        if ties.get("images"):
+            lines.append(
+                f"{names[key]}: {ties['images']} images have classes tied at the top score "
+                f"(8-bit outputs); Top-1 takes the lowest class id of the tied, and in "
+                f"{ties['true_class_not_taken']} of them the true class was tied but not taken."
+            )
     return "\n".join(lines)
 
 
