@@ -48,7 +48,7 @@ def _trained_tiny_classifier(train, validation, size: int = 32) -> keras.Model:
     return classifier
 
 
-def test_tiny_model_quantized_end_to_end(tmp_path, capsys, monkeypatch):
+def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     make_dataset(tmp_path / "data", LABELS, train_per_class=8, val_per_class=4)
     train, validation = _folders(tmp_path / "data", LABELS)
     classifier = _trained_tiny_classifier(train, validation)
@@ -73,14 +73,16 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capsys, monkeypatch):
     assert json.loads((folder / "labels.json").read_text()) == {"green": 0, "red": 1, "blue": 2}
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
     assert quantized.calibration_images == 10 and quantized.tpc_version == "1.0"
-    assert "10 of 24 training images, 2 batches" in capsys.readouterr().out
+    assert "10 of 24 training images, 2 batches" in capfd.readouterr().out
 
     # The files on disk behave like the float model (a tiny model, quantized to 8 bits).
     float_out = predict_images(classifier, validation.paths, 32)
     keras_out = predict_images(
         quantize.load_quantized_keras(quantized.keras_file), validation.paths, 32
     )
+    capfd.readouterr()
     tflite_out = quantize.predict_tflite(quantized.tflite_file, validation.paths, 32, batch_size=5)
+    assert "delegate" not in capfd.readouterr().err  # no XNNPACK warning about dynamic tensors
     assert keras_out.shape == tflite_out.shape == float_out.shape == (12, 3)
     assert np.abs(keras_out - float_out).max() < 0.1
     assert np.abs(tflite_out - keras_out).max() < 0.05
