@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import tensorflow as tf
@@ -108,3 +109,14 @@ def test_saved_model_serving_signature_without_keras(tmp_path):
     out = serve(image=tf.constant(images))["predictions"].numpy()
     np.testing.assert_allclose(out, classifier.predict(images, verbose=0), atol=1e-5)
     assert json.loads((path / "assets" / "labels.json").read_text()) == {"a": 0, "b": 1}
+
+
+def test_save_model_keeps_tensorflow_save_notices_out_of_the_output(tmp_path, caplog):
+    # Keras warns "Compiled the loaded model, but the compiled metrics have yet to be built"
+    # for any model saved without compile(), and TensorFlow logs where it wrote the assets;
+    # neither says anything to the user. Other TensorFlow messages still show.
+    with caplog.at_level(logging.INFO, logger="tensorflow"):
+        export.save_model(_classifier(), tmp_path, {"a": 0, "b": 1})
+        tf.get_logger().info("Assets written to: elsewhere")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["Assets written to: elsewhere"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tl_helpers.progress import ticking
+from tl_helpers.progress import ticking, without_tensorflow_notices
 
 keras = tf.keras
 
@@ -66,7 +66,7 @@ def save_model(model: keras.Model, output_dir: str | Path, labels: dict[str, int
     ordered = dict(sorted(labels.items(), key=lambda kv: kv[1]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{SAVED_MODEL_DIR}.tmp-", dir=output_dir))
     try:
-        with ticking(f"Writing the SavedModel to {final}"):
+        with ticking(f"Writing the SavedModel to {final}"), without_tensorflow_notices():
             # Models made of Keras's own layers are rebuilt from their config on loading, so
             # the per-layer traces (slow to write and to read) are not needed; custom layers
             # keep them.

@@ -6,11 +6,15 @@ runs (`python -m tl_helpers.run_notebook` echoes the kernel's output as it arriv
 
     with ticking("Writing the SavedModel"):
         model.save(...)
+
+`without_tensorflow_notices` keeps known, harmless TensorFlow log lines out of the notebook
+(they print twice in a Jupyter kernel, and one reads like a problem: see SAVE_NOTICES).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -18,6 +22,13 @@ from collections.abc import Iterator
 from typing import TextIO
 
 TICK_SECONDS = 2.0
+# What TensorFlow logs on every SavedModel write (also inside the TFLite converter): the assets
+# folder written, and a warning Keras gives for any model saved without compile(); ours are
+# never compiled (only their training head is), so it says nothing about them.
+SAVE_NOTICES = (
+    "Assets written to: ",
+    "Compiled the loaded model, but the compiled metrics have yet to be built.",
+)
 
 
 @contextlib.contextmanager
@@ -50,3 +61,27 @@ def _write(stream: TextIO, text: str) -> None:
     """Write and flush at once, so the line shows while the step is still running."""
     stream.write(text)
     stream.flush()
+
+
+@contextlib.contextmanager
+def without_tensorflow_notices(prefixes: tuple[str, ...] = SAVE_NOTICES) -> Iterator[None]:
+    """Drop the TensorFlow log records whose message starts with one of `prefixes`, while
+    the block runs; every other TensorFlow message still shows."""
+    tf_logger = logging.getLogger("tensorflow")
+    notices = _StartsWith(prefixes)
+    tf_logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        tf_logger.removeFilter(notices)
+
+
+class _StartsWith(logging.Filter):
+    """Rejects records whose message starts with one of the given prefixes."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)

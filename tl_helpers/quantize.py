@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tl_helpers.errors import TLError
 from tl_helpers.evaluate import classification_report, top_score_ties
 from tl_helpers.export import LABELS_FILE, replace_directory, write_json
 from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_batches, predict_images
-from tl_helpers.progress import ticking
+from tl_helpers.progress import ticking, without_tensorflow_notices
 
 keras = tf.keras
 
@@ -242,7 +243,13 @@ def export_quantized(
             ("Converting to", TFLITE_FILE, serialization.TFLITE, quantization.INT8),
         )
         for verb, file_name, serialization_format, quantization_format in formats:
-            with ticking(f"{verb} {file_name}"):
+            with (
+                ticking(f"{verb} {file_name}"),
+                without_tensorflow_notices(),
+                warnings.catch_warnings(),
+            ):
+                # TFLite asks for input statistics for a quantized input; ours stays float32.
+                warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
                 exporter.keras_export_model(
                     model=quantized,
                     save_model_path=str(tmp / file_name),
