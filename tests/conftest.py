@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLES = ROOT / "samples" / "clothing5"
+NOTEBOOK = ROOT / "image_classification.ipynb"
+# Class ids neither alphabetical nor contiguous: the case the reference implementation got wrong.
+LABELS_UNORDERED = {"zebra": 0, "apple": 3, "mango": 1, "kiwi": 4}
 
 # Visually distinct colours, one per class id; images are that colour plus noise and a shape.
 COLOURS = [
@@ -88,7 +92,24 @@ def write_config(directory: Path, **values) -> Path:
 @pytest.fixture
 def labels_unordered() -> dict[str, int]:
     """Ids neither alphabetical nor contiguous: the case the reference implementation got wrong."""
-    return {"zebra": 0, "apple": 3, "mango": 1, "kiwi": 4}
+    return dict(LABELS_UNORDERED)
+
+
+@pytest.fixture(scope="session")
+def tiny_notebook_run(tmp_path_factory) -> SimpleNamespace:
+    """The notebook run once headless (nbclient) on a tiny dataset, for the tests that read it.
+
+    4 classes with unordered ids, 6 training and 3 validation images each, default MobileNetV2
+    at 32 px, 3 epochs, TensorBoard logging on. Tests must only read what it wrote.
+    """
+    from tl_helpers.run_notebook import run_notebook
+
+    folder = tmp_path_factory.mktemp("tiny_notebook_run")
+    make_dataset(folder / "data", LABELS_UNORDERED)
+    write_config(folder, epochs=3, tensorboard_log_dir="out/tensorboard")
+    executed = folder / "executed.ipynb"
+    nb = run_notebook(NOTEBOOK, executed, cwd=folder)
+    return SimpleNamespace(folder=folder, nb=nb, executed=executed, labels=LABELS_UNORDERED)
 
 
 @pytest.fixture

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, make_dataset, write_config, write_jpeg
+from conftest import make_dataset, write_config, write_jpeg
 
 from tl_helpers import cache, dataset, inference, model, train
 from tl_helpers.config import load_configuration
@@ -281,21 +281,26 @@ def test_configuration_keys_default_to_output_dir_and_opt_out(tmp_path):
     assert cfg.feature_cache is False and cfg.feature_cache_dir == tmp_path / "fc"
 
 
-def test_notebook_run_in_a_new_kernel_uses_features_cached_here(tmp_path, capsys):
-    """The key does not depend on the session: a fresh kernel finds this process's entries."""
-    from tl_helpers.run_notebook import run_notebook
-
-    make_dataset(tmp_path / "data", LABELS, train_per_class=3, val_per_class=1)
-    cfg = load_configuration(write_config(tmp_path, epochs=1))
-    train_set = dataset.scan_image_folder(cfg.dataset_training_dir, LABELS)
-    val_set = dataset.scan_image_folder(cfg.dataset_validation_dir, LABELS, role="validation")
-    keras.utils.set_random_seed(0)
+def test_features_a_notebook_kernel_cached_are_found_in_another_process(
+    tiny_notebook_run, tmp_path, capsys
+):
+    """The key does not depend on the session: this process finds the entries a kernel wrote."""
+    run = tiny_notebook_run
+    text = "".join(o.get("text", "") for c in run.nb.cells for o in c.get("outputs", []))
+    assert "features: 36 images, 0 from cache, 36 computed" in text  # the kernel's first run
+    cfg = load_configuration(run.folder / "configuration.json")
+    cache_dir = shutil.copytree(cfg.feature_cache_dir, tmp_path / "cache")  # the run's stays as is
+    train_set = dataset.scan_image_folder(cfg.dataset_training_dir, run.labels)
+    val_set = dataset.scan_image_folder(cfg.dataset_validation_dir, run.labels, role="validation")
     keras.layers.Dense(1)  # shift Keras' automatic layer numbering away from the kernel's
     classifier = model.build_classifier(
-        model.load_base_model(None, SIZE, cfg.mobilenet_alpha), LABELS, SIZE, cfg.preprocessing
+        model.load_base_model(None, cfg.input_tensor_size, cfg.mobilenet_alpha),
+        run.labels,
+        cfg.input_tensor_size,
+        cfg.preprocessing,
     )
-    train.compute_features(classifier, train_set, val_set, SIZE, cache_dir=cfg.feature_cache_dir)
-    notebook = ROOT / "image_classification.ipynb"
-    nb = run_notebook(notebook, tmp_path / "executed.ipynb", cwd=tmp_path, echo=io.StringIO())
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "features: 12 images, 12 from cache, 0 computed" in text
+    capsys.readouterr()
+    train.compute_features(
+        classifier, train_set, val_set, cfg.input_tensor_size, cache_dir=cache_dir
+    )
+    assert "features: 36 images, 36 from cache, 0 computed" in capsys.readouterr().out

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import ROOT, SAMPLES, make_dataset, write_config
+from conftest import NOTEBOOK, ROOT, SAMPLES, make_dataset, write_config
 from jupyter_client import KernelManager
 from nbclient.exceptions import CellExecutionError
 
 from tl_helpers.run_notebook import kernel_environment, run_notebook
-
-NOTEBOOK = ROOT / "image_classification.ipynb"
 
 
 def _outputs_text(nb) -> str:
@@ -39,52 +37,32 @@ def test_committed_notebook_has_no_outputs():
     assert "pip install" not in sources
 
 
-def test_notebook_runs_on_tiny_configuration(tmp_path, labels_unordered):
-    make_dataset(tmp_path / "data", labels_unordered)
-    write_config(tmp_path, epochs=3)
-    executed = tmp_path / "executed.ipynb"
-    nb = run_notebook(NOTEBOOK, executed, cwd=tmp_path)
-    model_dir = tmp_path / "out" / "model" / "saved_model"
+def test_notebook_runs_on_tiny_configuration(tiny_notebook_run):
+    run = tiny_notebook_run
+    model_dir = run.folder / "out" / "model" / "saved_model"
     assert (model_dir / "saved_model.pb").is_file()
-    assert json.loads((tmp_path / "out" / "model" / "labels.json").read_text()) == dict(
-        sorted(labels_unordered.items(), key=lambda kv: kv[1])
+    assert json.loads((run.folder / "out" / "model" / "labels.json").read_text()) == dict(
+        sorted(run.labels.items(), key=lambda kv: kv[1])
     )
-    results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
+    results = json.loads((run.folder / "out" / "evaluation" / "results.json").read_text())
     assert 0.0 <= results["top_1_accuracy"] <= 1.0
     assert results["num_images"] == 12
-    assert set(results["per_class"]) == set(labels_unordered)
-    text = _outputs_text(nb)
+    assert set(results["per_class"]) == set(run.labels)
+    text = _outputs_text(run.nb)
     assert "Epoch 3/3" in text and "val_accuracy" in text
     assert "Top-1 accuracy" in text
-    assert executed.is_file()
-
-
-@pytest.mark.parametrize(
-    "change, culprit",
-    [
-        ({"batch_size": 0}, "batch_size"),
-        ({"epoch": 3}, 'Did you mean "epochs"'),
-        ({"dataset_training_dir": "nowhere/training"}, "dataset_training_dir"),
-    ],
-)
-def test_bad_configuration_stops_with_clear_message(tmp_path, change, culprit):
-    make_dataset(tmp_path / "data", {"a": 0, "b": 1}, 2, 1)
-    write_config(tmp_path, **change)
-    with pytest.raises(CellExecutionError) as err:
-        run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
-    assert err.value.ename == "TLError"
-    assert culprit in err.value.evalue
-    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    assert len(errors) == 1
-    assert len(errors[0].traceback) == 1  # the message, not a page of traceback
-    assert not (tmp_path / "out").exists()
+    assert run.executed.is_file()
 
 
 def test_missing_configuration_stops_at_step_1(tmp_path):
     with pytest.raises(CellExecutionError) as err:
-        run_notebook(NOTEBOOK, None, cwd=tmp_path)
+        run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
+    assert err.value.ename == "TLError"
     assert "configuration.json not found" in err.value.evalue
+    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1
+    assert len(errors[0].traceback) == 1  # the message, not a page of traceback
 
 
 class Kernel:
@@ -111,21 +89,53 @@ class Kernel:
         self.km.shutdown_kernel(now=True)
 
 
+BAD_CONFIGURATIONS = [
+    ({"batch_size": 0}, "batch_size"),
+    ({"epoch": 3}, 'Did you mean "epochs"'),
+    ({"dataset_training_dir": "nowhere/training"}, "dataset_training_dir"),
+]
+
+
+def test_bad_configuration_stops_with_clear_message(tmp_path):
+    """Each bad configuration stops at step 2 with one line naming the key; nothing written.
+
+    One kernel, as a user fixing configuration.json and running the cells again would.
+    """
+    make_dataset(tmp_path / "data", {"a": 0, "b": 1}, 2, 1)
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    load_cell = next(i for i, s in enumerate(cells) if "load_configuration(" in s)
+    kernel = Kernel(tmp_path)
+    try:
+        for change, culprit in BAD_CONFIGURATIONS:
+            write_config(tmp_path, **change)
+            replies = [kernel.run(source) for source in cells[: load_cell + 1]]
+            assert [r["status"] for r in replies[:-1]] == ["ok"] * load_cell, kernel.output
+            error = replies[-1]
+            assert error["status"] == "error" and error["ename"] == "TLError", error
+            assert culprit in error["evalue"]
+            assert len(error["traceback"]) == 1  # the message, not a page of traceback
+            assert not (tmp_path / "out").exists()
+    finally:
+        kernel.close()
+
+
 def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
     make_dataset(tmp_path / "data", {"a": 0, "b": 1, "c": 2}, 6, 2)
-    write_config(tmp_path, epochs=2)
-    run_notebook(NOTEBOOK, None, cwd=tmp_path)
     model_dir = tmp_path / "out" / "model" / "saved_model"
     results_file = tmp_path / "out" / "evaluation" / "results.json"
-    model_before = (model_dir / "saved_model.pb").read_bytes()
-    results_before = results_file.read_text()
-
-    # A long training run, interrupted in the middle of head training.
-    write_config(tmp_path, epochs=100000)
     cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
     train_cell = next(i for i, s in enumerate(cells) if "train_head(" in s)
     kernel = Kernel(tmp_path)
     try:
+        # A complete first run: the model and results the interrupted run must not touch.
+        write_config(tmp_path, epochs=2)
+        for source in cells:
+            assert kernel.run(source)["status"] == "ok", kernel.output[-5:]
+        model_before = (model_dir / "saved_model.pb").read_bytes()
+        results_before = results_file.read_text()
+
+        # A long training run, interrupted in the middle of head training.
+        write_config(tmp_path, epochs=100000)
         for source in cells[:train_cell]:
             assert kernel.run(source)["status"] == "ok", kernel.output
         msg_id = kernel.kc.execute(cells[train_cell])

@@ -13,14 +13,12 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from conftest import ROOT, make_dataset, tiny_base_model, write_config
+from conftest import make_dataset, tiny_base_model
 from matplotlib.artist import Artist
 from PIL import Image
 
 from tl_helpers import dataset, evaluate, model, plots, progress, train
-from tl_helpers.run_notebook import run_notebook
 
-NOTEBOOK = ROOT / "image_classification.ipynb"
 NOTEBOOK_FIGURES = (
     "class_counts.png",
     "training_samples.png",
@@ -311,11 +309,8 @@ def test_tensorboard_callback_is_optional_and_writes_logs(tmp_path):
 # --------------------------------------------------------------------------- the notebook
 
 
-def test_headless_notebook_run_produces_every_figure(tmp_path, labels_unordered):
-    make_dataset(tmp_path / "data", labels_unordered, train_per_class=4, val_per_class=2)
-    write_config(tmp_path, epochs=2, tensorboard_log_dir="out/tensorboard")
-    nb = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
-
+def test_headless_notebook_run_produces_every_figure(tiny_notebook_run):
+    tmp_path, nb = tiny_notebook_run.folder, tiny_notebook_run.nb
     figures = tmp_path / "out" / "model" / "figures"
     assert sorted(p.name for p in figures.iterdir()) == sorted(NOTEBOOK_FIGURES)
     for name in NOTEBOOK_FIGURES:

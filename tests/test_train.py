@@ -38,6 +38,13 @@ def trained(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def model_dir(trained, tmp_path_factory):
+    """The trained classifier written once as a SavedModel (tests only read it)."""
+    out = tmp_path_factory.mktemp("saved") / "out"
+    return export.save_model(trained["classifier"], out, trained["labels"])
+
+
 def test_features_follow_labels_json_ids(trained):
     f = trained["features"]
     assert f.train.shape == (32, 1280)
@@ -97,9 +104,8 @@ def test_full_model_matches_head_on_cached_features(trained):
     np.testing.assert_allclose(from_images, from_features, atol=1e-5)
 
 
-def test_saved_model_gives_the_same_predictions(trained, tmp_path):
+def test_saved_model_gives_the_same_predictions(trained, model_dir):
     classifier = trained["classifier"]
-    model_dir = export.save_model(classifier, tmp_path / "out", trained["labels"])
     reloaded = evaluate.load_saved_model(model_dir)
     paths = trained["val_set"].paths
     np.testing.assert_allclose(
@@ -107,18 +113,16 @@ def test_saved_model_gives_the_same_predictions(trained, tmp_path):
     )
 
 
-def test_non_alphabetical_ids_give_high_accuracy(trained, tmp_path):
+def test_non_alphabetical_ids_give_high_accuracy(trained, model_dir):
     """Training and evaluation both use labels.json ids: the reference's bug would give ~0."""
-    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
     results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE)
     assert results["top_1_accuracy"] >= 0.9
     assert results["per_class"]["apple"]["id"] == 3
     assert results["per_class"]["apple"]["accuracy"] >= 0.75
 
 
-def test_evaluation_from_features_equals_the_full_pass(trained, tmp_path):
+def test_evaluation_from_features_equals_the_full_pass(trained, model_dir):
     """The head of the reloaded model on the pass's features gives the full pass's report."""
-    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
     val_set = trained["val_set"]
     full = evaluate.evaluate_saved_model(model_dir, val_set, SIZE)
     fast = evaluate.evaluate_saved_model(model_dir, val_set, SIZE, features=trained["features"])
@@ -145,14 +149,12 @@ def test_evaluation_runs_every_image_when_the_saved_base_differs(trained, tmp_pa
     results = evaluate.evaluate_saved_model(model_dir, val_set, SIZE, features=trained["features"])
     assert results["evaluation"]["method"] == "saved model on every validation image"
     assert "base differs" in results["evaluation"]["why"]
-    reloaded = evaluate.load_saved_model(model_dir)
-    expected = predict_images(reloaded, val_set.paths, SIZE).argmax(axis=1)
+    expected = predict_images(other, val_set.paths, SIZE).argmax(axis=1)  # what was saved
     assert results["num_correct"] == int((expected == val_set.class_ids).sum())
 
 
-def test_evaluation_check_catches_features_that_do_not_match(trained, tmp_path):
+def test_evaluation_check_catches_features_that_do_not_match(trained, model_dir):
     """Same key but wrong numbers (e.g. a damaged feature array): the check falls back."""
-    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
     f = trained["features"]
     wrong = train.Features(
         f.train,
@@ -168,9 +170,8 @@ def test_evaluation_check_catches_features_that_do_not_match(trained, tmp_path):
     assert results["top_1_accuracy"] >= 0.9
 
 
-def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, tmp_path):
+def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, model_dir):
     """Features of other validation images (the folder changed after the pass) are not used."""
-    model_dir = export.save_model(trained["classifier"], tmp_path / "out", trained["labels"])
     f = trained["features"]
     other = train.Features(
         f.train, f.train_ids, f.validation, f.validation_ids, f.model_key, f.validation_paths[1:]
