@@ -120,6 +120,52 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
 
 
+def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path):
+    """The fast int8 conversion gives TensorFlow's model: tensors, signature, outputs."""
+    make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=3)
+    train, validation = _folders(tmp_path / "data", LABELS)
+    keras.utils.set_random_seed(0)
+    classifier = build_classifier(tiny_base_model(32), LABELS, 32)
+    quantized = quantize.quantize_model(classifier, quantize.CalibrationData(train.paths, 32, 6))
+    exporter = quantize._mct().exporter
+    tensorflows_own = tf.lite.TFLiteConverter.from_keras_model
+
+    def export(path: Path) -> tf.lite.Interpreter:
+        exporter.keras_export_model(
+            model=quantized,
+            save_model_path=str(path),
+            serialization_format=exporter.KerasExportSerializationFormat.TFLITE,
+            quantization_format=exporter.QuantizationFormat.INT8,
+        )
+        return tf.lite.Interpreter(model_path=str(path))
+
+    with quantize.tflite_converts_traced_call():
+        assert tf.lite.TFLiteConverter.from_keras_model != tensorflows_own
+        fast = export(tmp_path / "fast.tflite")
+    assert tf.lite.TFLiteConverter.from_keras_model == tensorflows_own
+    own = export(tmp_path / "own.tflite")
+
+    assert fast.get_signature_list() == own.get_signature_list() != {}
+    fast_tensors, own_tensors = fast.get_tensor_details(), own.get_tensor_details()
+    assert len(fast_tensors) == len(own_tensors)
+    for a, b in zip(fast_tensors, own_tensors, strict=True):
+        assert a["dtype"] == b["dtype"]  # (names differ: MCT's copies number Keras layers anew)
+        np.testing.assert_array_equal(a["shape_signature"], b["shape_signature"])
+        for key in ("scales", "zero_points"):
+            np.testing.assert_array_equal(
+                a["quantization_parameters"][key], b["quantization_parameters"][key]
+            )
+    paths = validation.paths
+    np.testing.assert_array_equal(
+        quantize.predict_tflite(tmp_path / "fast.tflite", paths, 32),
+        quantize.predict_tflite(tmp_path / "own.tflite", paths, 32),
+    )
+
+    with pytest.raises(RuntimeError), quantize.tflite_converts_traced_call():
+        raise RuntimeError("interrupted export")
+    assert tf.lite.TFLiteConverter.from_keras_model == tensorflows_own
+
+
 def test_quantization_off_writes_nothing(tmp_path, capsys):
     make_dataset(tmp_path / "data", LABELS, 2, 1)
     write_config(tmp_path)
