@@ -131,6 +131,7 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
     tensorflows_own = tf.lite.TFLiteConverter.from_keras_model
 
     def export(path: Path) -> tf.lite.Interpreter:
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
         exporter.keras_export_model(
             model=quantized,
             save_model_path=str(path),
