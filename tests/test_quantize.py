@@ -13,7 +13,7 @@ from conftest import ROOT, SAMPLES, make_dataset, tiny_base_model, write_config
 from mct_quantizers import KerasQuantizationWrapper
 from PIL import Image
 
-from tl_helpers import quantize
+from tl_helpers import inference, quantize
 from tl_helpers.config import load_configuration
 from tl_helpers.dataset import iter_batches, read_labels, scan_image_folder
 from tl_helpers.errors import TLError
@@ -95,7 +95,10 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert np.abs(tflite_out - keras_out).max() < 0.05
 
     results = evaluate_saved_model(model_dir, validation, 32)
+    requested.clear()
+    monkeypatch.setattr(inference, "iter_batches", watched_iter_batches)
     merged = quantize.add_quantized_results(results, quantized, validation, 32)
+    assert sorted(requested) == sorted(validation.paths)  # one pass for both quantized models
     assert merged["top_1_accuracy"] == results["top_1_accuracy"]
     keras_top1 = float((keras_out.argmax(1) == validation.class_ids).mean())
     tflite_top1 = float((tflite_out.argmax(1) == validation.class_ids).mean())

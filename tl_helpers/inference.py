@@ -29,11 +29,16 @@ def predict_images(
 
     A file that cannot be decoded stops the pass with a TLError naming it.
     """
+    return predict_batches(keras_runner(model, image_size), paths, image_size, batch_size, title)
+
+
+def keras_runner(model: keras.Model, image_size: int) -> Callable[[tf.Tensor], np.ndarray]:
+    """A batch of raw-pixel images -> `model`'s outputs (inference mode, traced once)."""
     run = tf.function(
         lambda x: model(x, training=False),
         input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
     )
-    return predict_batches(lambda batch: run(batch).numpy(), paths, image_size, batch_size, title)
+    return lambda batch: run(batch).numpy()
 
 
 def predict_batches(

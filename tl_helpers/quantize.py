@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +36,11 @@ from tl_helpers.dataset import ImageFolder, iter_batches
 from tl_helpers.errors import TLError
 from tl_helpers.evaluate import classification_report, top_score_ties
 from tl_helpers.export import LABELS_FILE, replace_directory, write_json
-from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_batches, predict_images
+from tl_helpers.inference import (
+    INFERENCE_BATCH_SIZE,
+    keras_runner,
+    predict_batches,
+)
 from tl_helpers.progress import ticking, without_tensorflow_notices
 
 keras = tf.keras
@@ -365,7 +369,12 @@ def predict_tflite(
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
 ) -> np.ndarray:
-    """Run a TFLite model on every image in `paths`, in order, batched; show a progress bar.
+    """Run a TFLite model on every image in `paths`, in order, batched; show a progress bar."""
+    return predict_batches(tflite_runner(model_file), paths, image_size, batch_size, title)
+
+
+def tflite_runner(model_file: str | Path) -> Callable[[tf.Tensor], np.ndarray]:
+    """A batch of raw-pixel images -> the TFLite model's outputs, as floats.
 
     Without TFLite's default XNNPACK delegate: MCT exports the Dense head as a reshape with a
     run-time shape and a 1x1 convolution, a graph XNNPACK refuses with a warning; the built-in
@@ -389,7 +398,7 @@ def predict_tflite(
         interpreter.invoke()
         return _get_output(interpreter)
 
-    return predict_batches(run, paths, image_size, batch_size, title)
+    return run
 
 
 def _set_input(interpreter: tf.lite.Interpreter, batch: np.ndarray) -> None:
@@ -418,14 +427,20 @@ def evaluate_quantized(
     image_size: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
 ) -> dict[str, dict]:
-    """Top-1 reports of the quantized .keras and int8 .tflite files on every validation image."""
-    model = load_quantized_keras(quantized.keras_file)
-    keras_probabilities = predict_images(
-        model, validation.paths, image_size, batch_size, "quantized Keras model"
+    """Top-1 reports of the quantized .keras and int8 .tflite files on every validation image.
+
+    One pass over the images: each decoded batch goes through both models.
+    """
+    run_keras = keras_runner(load_quantized_keras(quantized.keras_file), image_size)
+    run_tflite = tflite_runner(quantized.tflite_file)
+    both = predict_batches(
+        lambda batch: np.stack([run_keras(batch), run_tflite(batch)], axis=1),
+        validation.paths,
+        image_size,
+        batch_size,
+        "quantized Keras and int8 TFLite models",
     )
-    tflite_probabilities = predict_tflite(
-        quantized.tflite_file, validation.paths, image_size, batch_size, "int8 TFLite model"
-    )
+    keras_probabilities, tflite_probabilities = both[:, 0], both[:, 1]
     reports = {}
     for name, probabilities in (
         ("quantized_keras", keras_probabilities),
