@@ -36,11 +36,7 @@ from tl_helpers.dataset import ImageFolder, iter_batches
 from tl_helpers.errors import TLError
 from tl_helpers.evaluate import classification_report, top_score_ties
 from tl_helpers.export import LABELS_FILE, replace_directory, write_json
-from tl_helpers.inference import (
-    INFERENCE_BATCH_SIZE,
-    keras_runner,
-    predict_batches,
-)
+from tl_helpers.inference import INFERENCE_BATCH_SIZE, keras_runner, predict_batches
 from tl_helpers.progress import ticking, without_tensorflow_notices
 
 keras = tf.keras
