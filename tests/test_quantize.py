@@ -19,7 +19,7 @@ from tl_helpers.dataset import iter_batches, read_labels, scan_image_folder
 from tl_helpers.errors import TLError
 from tl_helpers.evaluate import evaluate_saved_model, top_score_ties
 from tl_helpers.export import save_model
-from tl_helpers.inference import predict_images
+from tl_helpers.inference import predict_batches, predict_images
 from tl_helpers.model import build_classifier, load_base_model
 from tl_helpers.train import compute_features, train_head
 
@@ -88,7 +88,8 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
         quantize.load_quantized_keras(quantized.keras_file), validation.paths, 32
     )
     capfd.readouterr()
-    tflite_out = quantize.predict_tflite(quantized.tflite_file, validation.paths, 32, batch_size=5)
+    run_tflite = quantize.tflite_runner(quantized.tflite_file)
+    tflite_out = predict_batches(run_tflite, validation.paths, 32, batch_size=5)
     assert "delegate" not in capfd.readouterr().err  # no XNNPACK warning about dynamic tensors
     assert keras_out.shape == tflite_out.shape == float_out.shape == (12, 3)
     assert np.abs(keras_out - float_out).max() < 0.1
@@ -161,8 +162,8 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
             )
     paths = validation.paths
     np.testing.assert_array_equal(
-        quantize.predict_tflite(tmp_path / "fast.tflite", paths, 32),
-        quantize.predict_tflite(tmp_path / "own.tflite", paths, 32),
+        predict_batches(quantize.tflite_runner(tmp_path / "fast.tflite"), paths, 32),
+        predict_batches(quantize.tflite_runner(tmp_path / "own.tflite"), paths, 32),
     )
 
     with pytest.raises(RuntimeError), quantize.tflite_converts_traced_call():

@@ -358,17 +358,6 @@ def load_quantized_keras(path: str | Path) -> keras.Model:
         return _mct().keras_load_quantized_model(str(path), compile=False)
 
 
-def predict_tflite(
-    model_file: str | Path,
-    paths: Sequence[str],
-    image_size: int,
-    batch_size: int = INFERENCE_BATCH_SIZE,
-    title: str = "",
-) -> np.ndarray:
-    """Run a TFLite model on every image in `paths`, in order, batched; show a progress bar."""
-    return predict_batches(tflite_runner(model_file), paths, image_size, batch_size, title)
-
-
 def tflite_runner(model_file: str | Path) -> Callable[[tf.Tensor], np.ndarray]:
     """A batch of raw-pixel images -> the TFLite model's outputs, as floats.
 
