@@ -90,7 +90,8 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     capfd.readouterr()
     run_tflite = quantize.tflite_runner(quantized.tflite_file)
     tflite_out = predict_batches(run_tflite, validation.paths, 32, batch_size=5)
-    assert "delegate" not in capfd.readouterr().err  # no XNNPACK warning about dynamic tensors
+    assert "dynamic-sized" not in capfd.readouterr().err  # XNNPACK took the graph: no warning
+    assert "DELEGATE" in tflite_ops(quantized.tflite_file)  # ... and runs it
     assert keras_out.shape == tflite_out.shape == float_out.shape == (12, 3)
     assert np.abs(keras_out - float_out).max() < 0.1
     assert np.abs(tflite_out - keras_out).max() < 0.05
@@ -124,8 +125,32 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
 
 
+def tflite_ops(model_file: Path) -> list[str]:
+    """The operators TFLite's default interpreter runs, "DELEGATE" for each XNNPACK part."""
+    interpreter = tf.lite.Interpreter(model_path=str(model_file))
+    interpreter.allocate_tensors()
+    return [op["op_name"] for op in interpreter._get_ops_details()]
+
+
+def builtin_kernels_outputs(model_file: Path, images: np.ndarray) -> np.ndarray:
+    """Outputs of TFLite's built-in kernels (no delegate), one image per call."""
+    builtin = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = tf.lite.Interpreter(
+        model_path=str(model_file), experimental_op_resolver_type=builtin
+    )
+    interpreter.allocate_tensors()
+    source, result = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(result["index"])[0])
+    return np.stack(outputs)
+
+
 def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path):
-    """The fast int8 conversion gives TensorFlow's model: tensors, signature, outputs."""
+    """The fast int8 conversion gives TensorFlow's model, with a batch of one image: tensors,
+    signature, outputs; TFLite's default XNNPACK delegate takes it (not TensorFlow's own)."""
     make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=3)
     train, validation = _folders(tmp_path / "data", LABELS)
     keras.utils.set_random_seed(0)
@@ -151,20 +176,40 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
     own = export(tmp_path / "own.tflite")
 
     assert fast.get_signature_list() == own.get_signature_list() != {}
-    fast_tensors, own_tensors = fast.get_tensor_details(), own.get_tensor_details()
-    assert len(fast_tensors) == len(own_tensors)
-    for a, b in zip(fast_tensors, own_tensors, strict=True):
-        assert a["dtype"] == b["dtype"]  # (names differ: MCT's copies number Keras layers anew)
-        np.testing.assert_array_equal(a["shape_signature"], b["shape_signature"])
-        for key in ("scales", "zero_points"):
-            np.testing.assert_array_equal(
-                a["quantization_parameters"][key], b["quantization_parameters"][key]
-            )
-    paths = validation.paths
+    assert fast.get_input_details()[0]["shape_signature"].tolist() == [1, 32, 32, 3]
+    assert own.get_input_details()[0]["shape_signature"].tolist() == [-1, 32, 32, 3]
+
+    # The same per-channel weights and biases, in order, and the same activation grids (with
+    # a fixed batch the converter joins the pooling's reshape to it, one activation fewer).
+    def weights_and_grids(interpreter: tf.lite.Interpreter) -> tuple[list, set]:
+        weights, grids = [], set()
+        for t in interpreter.get_tensor_details():
+            params = t["quantization_parameters"]
+            if params["scales"].size > 1:
+                weights.append((t["shape"].tolist(), interpreter.get_tensor(t["index"]), params))
+            elif params["scales"].size == 1:
+                grids.add((t["dtype"], float(params["scales"][0]), int(params["zero_points"][0])))
+        return weights, grids
+
+    fast.allocate_tensors()
+    own.allocate_tensors()
+    (fast_weights, fast_grids), (own_weights, own_grids) = map(weights_and_grids, (fast, own))
+    assert fast_grids == own_grids and len(fast_grids) >= 3
+    assert len(fast_weights) == len(own_weights) == 6  # 3 kernels, 3 biases
+    for (shape, values, params), (own_shape, own_values, own_params) in zip(
+        fast_weights, own_weights, strict=True
+    ):
+        assert shape == own_shape  # (names differ: MCT numbers its copies of layers anew)
+        np.testing.assert_array_equal(values, own_values)
+        for key in ("scales", "zero_points", "quantized_dimension"):
+            np.testing.assert_array_equal(params[key], own_params[key])
+    images = np.concatenate(list(iter_batches(validation.paths, 32, 16)))
     np.testing.assert_array_equal(
-        predict_batches(quantize.tflite_runner(tmp_path / "fast.tflite"), paths, 32),
-        predict_batches(quantize.tflite_runner(tmp_path / "own.tflite"), paths, 32),
+        builtin_kernels_outputs(tmp_path / "fast.tflite", images),
+        builtin_kernels_outputs(tmp_path / "own.tflite", images),
     )
+    assert "DELEGATE" in tflite_ops(tmp_path / "fast.tflite")
+    assert "DELEGATE" not in tflite_ops(tmp_path / "own.tflite")
 
     with pytest.raises(RuntimeError), quantize.tflite_converts_traced_call():
         raise RuntimeError("interrupted export")
