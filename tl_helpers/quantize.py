@@ -364,30 +364,19 @@ def load_quantized_keras(path: str | Path) -> keras.Model:
 def tflite_runner(model_file: str | Path) -> Callable[[tf.Tensor], np.ndarray]:
     """A batch of raw-pixel images -> the TFLite model's outputs, as floats.
 
-    Runs on TFLite's default CPU path (the XNNPACK delegate), one image per call for a model
-    whose batch is fixed at one (ours), the whole batch for a model whose batch is open.
+    One image per call, as the file is exported (`TFLITE_BATCH_SIZE`), on TFLite's default
+    CPU path (the XNNPACK delegate).
     """
     interpreter = tf.lite.Interpreter(model_path=str(model_file), num_threads=os.cpu_count())
     interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    open_batch = detail["shape_signature"][0] == -1
-    shape = tuple(detail["shape"])
-
-    def invoke(images: np.ndarray) -> np.ndarray:
-        nonlocal shape
-        if images.shape != shape:  # an open batch of a new size: resize the input
-            shape = images.shape
-            interpreter.resize_tensor_input(detail["index"], list(shape))
-            interpreter.allocate_tensors()
-        _set_input(interpreter, images)
-        interpreter.invoke()
-        return _get_output(interpreter)
 
     def run(batch: tf.Tensor) -> np.ndarray:
-        images = batch.numpy()
-        if open_batch:
-            return invoke(images)
-        return np.concatenate([invoke(images[i : i + 1]) for i in range(len(images))])
+        outputs = []
+        for image in batch.numpy():
+            _set_input(interpreter, image[None])
+            interpreter.invoke()
+            outputs.append(_get_output(interpreter))
+        return np.concatenate(outputs)
 
     return run
 
