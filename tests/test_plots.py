@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from conftest import make_dataset, tiny_base_model
+from conftest import COLOURS, make_dataset, tiny_base_model
 from matplotlib.artist import Artist
 from PIL import Image
 
@@ -162,18 +162,38 @@ def test_many_long_class_names_stay_readable(tmp_path):
     assert_labels_apart(fig.axes[0].get_xticklabels(), renderer, axis=0)
 
 
+def photo_runs(canvas: np.ndarray, y: float) -> list[np.ndarray]:
+    """The photos a photo grid's pixel row `y` crosses: each run of non-white pixels on it."""
+    line = canvas[int(y)]
+    painted = np.r_[0, (line < 245).any(axis=1).astype(int), 0]
+    edges = np.flatnonzero(np.diff(painted))
+    return [line[start:stop] for start, stop in zip(edges[::2], edges[1::2], strict=True)]
+
+
 def test_samples_and_misclassified_grids_show_real_images(tmp_path):
     labels = {"zebra": 0, "apple": 3, "mango": 1}
     make_dataset(tmp_path, labels, train_per_class=7, val_per_class=1)
     broken = tmp_path / "training" / "mango" / "mango_999.jpg"
     broken.write_bytes(b"\xff\xd8\xff" + b"\0" * 20)  # JPEG magic, no image: drawn as a note
     folder = dataset.scan_image_folder(tmp_path / "training", labels)
+    note = "cannot read\nimage"
 
     fig = plots.samples_figure(folder, per_class=4)
-    rows = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
-    assert [row.split("\n")[0] for row in rows] == ["zebra", "mango", "apple"]  # id order
-    assert "(8 images)" in rows[1]
-    assert sum(len(ax.images) for ax in fig.axes) >= 11  # 12 picks, at most one broken
+    (ax,) = fig.axes  # one image of the whole grid, texts on it
+    canvas = ax.images[0].get_array()
+    assert canvas.shape[:2] == png_size(plots.save_figure(fig, tmp_path / "s.png"))[::-1]
+    rows = [t for t in ax.texts if "images)" in t.get_text()]
+    assert [row.get_text().split("\n")[0] for row in rows] == ["zebra", "mango", "apple"]
+    assert "(8 images)" in rows[1].get_text()
+    notes = [t.get_text() for t in ax.texts].count(note)  # the broken image, if picked
+    photos = 0
+    for row, name in zip(rows, ["zebra", "mango", "apple"], strict=True):
+        row_photos = photo_runs(canvas, row.get_position()[1])
+        photos += len(row_photos)
+        for photo in row_photos:  # each photo shown is one of the class's own images
+            colour = photo.reshape(-1, 3).mean(axis=0)
+            assert np.abs(colour - COLOURS[labels[name]]).max() < 25, (name, colour)
+    assert photos + notes == 12 and notes <= 1  # 4 picks of each class
     assert_sensible_png(plots.save_figure(fig, tmp_path / "samples.png"))
 
     readable = [path for path in folder.paths if path != str(broken)]
@@ -182,16 +202,58 @@ def test_samples_and_misclassified_grids_show_real_images(tmp_path):
         for i, path in enumerate((readable * 2)[:26])
     ]
     fig = plots.misclassified_figure(wrong, num_images=40)
-    shown = [ax for ax in fig.axes if ax.images]
-    assert len(shown) == 24
+    (ax,) = fig.axes
+    canvas = ax.images[0].get_array()
     title = fig._suptitle.get_text()  # Figure.get_suptitle needs matplotlib 3.8
     assert "26 of 40" in title and "24 most confident" in title
-    assert shown[0].get_title() == "true: zebra"
-    assert "predicted: mango" in shown[0].get_xlabel() and "50.0%" in shown[0].get_xlabel()
+    tops = [t for t in ax.texts if t.get_text().startswith("true: ")]
+    bottoms = [t for t in ax.texts if t.get_text().startswith("predicted: ")]
+    assert len(tops) == len(bottoms) == 24
+    assert tops[0].get_text() == "true: zebra"
+    assert bottoms[0].get_text() == "predicted: mango\nconfidence 50.0%"
+    assert "73.0%" in bottoms[-1].get_text()  # most confident first, in the order given
+    # 4 rows of 6 photos, each between its captions; the first row shows the first 6 images
+    assert len({t.get_position()[1] for t in tops}) == 4
+    for row in range(4):
+        top, bottom = tops[6 * row], bottoms[6 * row]
+        middle = (top.get_position()[1] + bottom.get_position()[1]) / 2
+        photos = photo_runs(canvas, middle)
+        assert len(photos) == 6, row
+        for photo, item in zip(photos, wrong[6 * row : 6 * row + 6], strict=True):
+            expected = COLOURS[labels[Path(item["image"]).parent.name]]
+            assert np.abs(photo.reshape(-1, 3).mean(axis=0) - expected).max() < 25
     assert_sensible_png(plots.save_figure(fig, tmp_path / "wrong.png"))
+
     item = {"image": str(broken), "true": "mango", "predicted": "apple", "confidence": 0.9}
     fig = plots.misclassified_figure([item])
-    assert [t.get_text() for t in fig.axes[0].texts] == ["cannot read\nimage"]
+    assert note in [t.get_text() for t in fig.axes[0].texts]
+    assert not photo_runs(fig.axes[0].images[0].get_array(), fig.bbox.height / 2)
+
+
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # no CJK font on the machine
+def test_photo_grids_fit_long_class_names(tmp_path):
+    labels = {name: i for i, name in enumerate(MANY_NAMES)}
+    make_dataset(tmp_path, labels, train_per_class=2, val_per_class=0)
+    folder = dataset.scan_image_folder(tmp_path / "training", labels)
+    wrong = [
+        {"image": path, "true": name, "predicted": MANY_NAMES[-5], "confidence": 0.9}
+        for path, name in zip(folder.paths[-10:], MANY_NAMES[-5:] * 2, strict=True)
+    ]
+    for fig in (
+        plots.samples_figure(folder),
+        plots.misclassified_figure(wrong),
+        plots.misclassified_figure(wrong[:1], num_images=1000),
+    ):
+        renderer = render(fig)
+        texts = [fig._suptitle, *fig.axes[0].texts]
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for text, box in zip(texts, boxes, strict=True):  # inside the figure
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.width, text.get_text()
+            assert box.y0 >= 0 and box.y1 <= fig.bbox.height, text.get_text()
+        for i, first in enumerate(boxes):  # and apart from each other
+            for second in boxes[i + 1 :]:
+                assert not first.overlaps(second), (first, second)
+        assert_sensible_png(plots.save_figure(fig, tmp_path / "grid.png"))
 
 
 def test_save_figure_replaces_atomically(tmp_path):
