@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,9 +248,16 @@ def test_photo_grids_fit_long_class_names(tmp_path):
         renderer = render(fig)
         texts = [fig._suptitle, *fig.axes[0].texts]
         boxes = [t.get_window_extent(renderer) for t in texts]
-        for text, box in zip(texts, boxes, strict=True):  # inside the figure
+        canvas = fig.axes[0].images[0].get_array()
+        height = canvas.shape[0]
+        for text, box in zip(texts, boxes, strict=True):  # inside the figure, on no photo
             assert box.x0 >= 0 and box.x1 <= fig.bbox.width, text.get_text()
             assert box.y0 >= 0 and box.y1 <= fig.bbox.height, text.get_text()
+            under = canvas[
+                int(height - box.y1) : math.ceil(height - box.y0),
+                int(box.x0) : math.ceil(box.x1),
+            ]
+            assert (under == 255).all(), text.get_text()
         for i, first in enumerate(boxes):  # and apart from each other
             for second in boxes[i + 1 :]:
                 assert not first.overlaps(second), (first, second)
