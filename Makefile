@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Sony's IMX500 converter cannot share .venv with MCT 2.6.1: it gets a virtual environment of its own.
+IMX_VENV := .venv-imx500
+IMX_STAMP := $(IMX_VENV)/.installed
 
 .PHONY: venv run test test-fast lint format lab bench clean
 
@@ -16,7 +19,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
 	@touch $(STAMP)
 
-venv: $(STAMP)
+$(IMX_STAMP): requirements-imx500.txt
+	@test -x $(IMX_VENV)/bin/python || $(PYTHON) -m venv $(IMX_VENV)
+	$(IMX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(IMX_VENV)/bin/python -m pip install --quiet -r requirements-imx500.txt
+	@touch $(IMX_STAMP)
+	@command -v java >/dev/null || echo "Note: the IMX500 converter needs Java 17+ on the PATH \
+		(Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless)."
+
+venv: $(STAMP) $(IMX_STAMP)
 
 ## Run the notebook headless on configuration.json, keep the executed copy, print Top-1.
 run: venv
@@ -50,4 +61,4 @@ lab: venv
 	$(BIN)/jupyter lab image_classification.ipynb
 
 clean:
-	rm -rf $(VENV) output .pytest_cache
+	rm -rf $(VENV) $(IMX_VENV) output .pytest_cache

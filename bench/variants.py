@@ -188,7 +188,7 @@ def quantization_report(clock: Clock, results: dict) -> dict | None:
         "calibration_batch_size": details["calibration_batch_size"],
         "tpc_version": details["tpc_version"],
         "tool": details["tool"],
-        "mct_import_s": seconds("_mct"),
+        "mct_import_s": seconds("mct"),
         "calibration_loading_s": sum(s["seconds"] for s in batches),
         "calibration_images_decoded": sum(s["images"] for s in decoded),
         "calibration_images_given_to_mct": sum(s["images"] for s in batches),
@@ -217,9 +217,11 @@ def cell_phase(source: str) -> str:
 
 def instrument(clock: Clock, epoch_s: list[float]) -> None:
     """Time backbone passes and the reload from inside; time the head's epochs; no extra work."""
+    import tl_helpers.calibration
     import tl_helpers.evaluate
     import tl_helpers.inference
     import tl_helpers.quantize
+    import tl_helpers.quantized_evaluation
     import tl_helpers.train
 
     def timed(original: Callable, call: str) -> Callable:
@@ -244,16 +246,18 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
         return wrapper
 
     replace(tl_helpers.inference.predict_images, timed, "predict_images")
-    for name in ("_mct", "quantize_model", "export_quantized", "evaluate_quantized"):
+    for name in ("mct", "quantize_model", "export_quantized"):
         replace(getattr(tl_helpers.quantize, name), timed, name)
+    evaluate_quantized = tl_helpers.quantized_evaluation.evaluate_quantized
+    replace(evaluate_quantized, timed, "evaluate_quantized")
     # What MCT is given (CalibrationData batches, waits timed) and what is decoded (the
-    # quantize module's loader is used by CalibrationData only).
-    calibration = tl_helpers.quantize.CalibrationData
+    # calibration module's loader is used by CalibrationData only).
+    calibration = tl_helpers.calibration.CalibrationData
     calibration.__iter__ = timed_batches(
         clock, calibration.__iter__, "calibration_batch", lambda batch: len(batch[0])
     )
-    tl_helpers.quantize.iter_batches = timed_batches(
-        clock, tl_helpers.quantize.iter_batches, "calibration_decode", len
+    tl_helpers.calibration.iter_batches = timed_batches(
+        clock, tl_helpers.calibration.iter_batches, "calibration_decode", len
     )
     replace(tl_helpers.evaluate.load_saved_model, timed, "load_saved_model")
     replace(tl_helpers.train.train_head, lambda f, _: with_epoch_timer(f), "train_head")

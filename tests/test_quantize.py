@@ -13,7 +13,7 @@ from conftest import ROOT, SAMPLES, make_dataset, tiny_base_model, write_config
 from mct_quantizers import KerasQuantizationWrapper
 from PIL import Image
 
-from tl_helpers import inference, quantize
+from tl_helpers import calibration, compat, inference, quantize, quantized_evaluation, tflite
 from tl_helpers.config import load_configuration
 from tl_helpers.dataset import iter_batches, read_labels, scan_image_folder
 from tl_helpers.errors import TLError
@@ -63,7 +63,7 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
         requested.extend(paths)
         return iter_batches(paths, image_size, batch_size)
 
-    monkeypatch.setattr(quantize, "iter_batches", watched_iter_batches)
+    monkeypatch.setattr(calibration, "iter_batches", watched_iter_batches)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantized = quantize.quantize_for_imx500(classifier, train, LABELS, config)
@@ -85,10 +85,10 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     # The files on disk behave like the float model (a tiny model, quantized to 8 bits).
     float_out = predict_images(classifier, validation.paths, 32)
     keras_out = predict_images(
-        quantize.load_quantized_keras(quantized.keras_file), validation.paths, 32
+        quantized_evaluation.load_quantized_keras(quantized.keras_file), validation.paths, 32
     )
     capfd.readouterr()
-    run_tflite = quantize.tflite_runner(quantized.tflite_file)
+    run_tflite = tflite.tflite_runner(quantized.tflite_file)
     tflite_out = predict_batches(run_tflite, validation.paths, 32, batch_size=5)
     assert "dynamic-sized" not in capfd.readouterr().err  # XNNPACK took the graph: no warning
     assert "DELEGATE" in tflite_ops(quantized.tflite_file)  # ... and runs it
@@ -99,7 +99,7 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     results = evaluate_saved_model(model_dir, validation, 32)
     requested.clear()
     monkeypatch.setattr(inference, "iter_batches", watched_iter_batches)
-    merged = quantize.add_quantized_results(results, quantized, validation, 32)
+    merged = quantized_evaluation.add_quantized_results(results, quantized, validation, 32)
     assert sorted(requested) == sorted(validation.paths)  # one pass for both quantized models
     assert merged["top_1_accuracy"] == results["top_1_accuracy"]
     keras_top1 = float((keras_out.argmax(1) == validation.class_ids).mean())
@@ -115,11 +115,11 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert models["quantized_keras"]["top_score_ties"] == top_score_ties(
         keras_out, validation.class_ids
     )
-    table = quantize.format_comparison(merged)
+    table = quantized_evaluation.format_comparison(merged)
     assert "float (SavedModel)" in table and "int8 TFLite" in table and " pt" in table
     models["quantized_tflite"]["top_score_ties"] = {"images": 3, "true_class_not_taken": 2}
     models["quantized_keras"]["top_score_ties"] = {"images": 0, "true_class_not_taken": 0}
-    lines = quantize.format_comparison(merged).splitlines()
+    lines = quantized_evaluation.format_comparison(merged).splitlines()
     assert lines[-1].startswith("int8 TFLite (.tflite): 3 images have classes tied at the top")
     assert "in 2 of them the true class was tied but not taken" in lines[-1]
     assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
@@ -155,8 +155,8 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
     train, validation = _folders(tmp_path / "data", LABELS)
     keras.utils.set_random_seed(0)
     classifier = build_classifier(tiny_base_model(32), LABELS, 32)
-    quantized = quantize.quantize_model(classifier, quantize.CalibrationData(train.paths, 32, 6))
-    exporter = quantize._mct().exporter
+    quantized = quantize.quantize_model(classifier, calibration.CalibrationData(train.paths, 32, 6))
+    exporter = quantize.mct().exporter
     tensorflows_own = tf.lite.TFLiteConverter.from_keras_model
 
     def export(path: Path) -> tf.lite.Interpreter:
@@ -169,7 +169,7 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
         )
         return tf.lite.Interpreter(model_path=str(path))
 
-    with quantize.tflite_converts_traced_call():
+    with tflite.tflite_converts_traced_call():
         assert tf.lite.TFLiteConverter.from_keras_model != tensorflows_own
         fast = export(tmp_path / "fast.tflite")
     assert tf.lite.TFLiteConverter.from_keras_model == tensorflows_own
@@ -211,7 +211,7 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
     assert "DELEGATE" in tflite_ops(tmp_path / "fast.tflite")
     assert "DELEGATE" not in tflite_ops(tmp_path / "own.tflite")
 
-    with pytest.raises(RuntimeError), quantize.tflite_converts_traced_call():
+    with pytest.raises(RuntimeError), tflite.tflite_converts_traced_call():
         raise RuntimeError("interrupted export")
     assert tf.lite.TFLiteConverter.from_keras_model == tensorflows_own
 
@@ -229,20 +229,20 @@ def test_quantization_off_writes_nothing(tmp_path, capsys):
 def test_calibration_images_are_capped_seeded_and_mixed(tmp_path):
     make_dataset(tmp_path / "data", LABELS, train_per_class=6, val_per_class=1)
     train, _ = _folders(tmp_path / "data", LABELS)
-    paths = quantize.calibration_paths(train, batch_size=4, batches=2, seed=3)
+    paths = calibration.calibration_paths(train, batch_size=4, batches=2, seed=3)
     assert len(paths) == 8 == len(set(paths))
-    assert paths == quantize.calibration_paths(train, 4, 2, seed=3)
+    assert paths == calibration.calibration_paths(train, 4, 2, seed=3)
     assert len({Path(p).parent.name for p in paths}) > 1  # not just the first class folder
-    assert sorted(quantize.calibration_paths(train, 50, 10)) == sorted(train.paths)
+    assert sorted(calibration.calibration_paths(train, 50, 10)) == sorted(train.paths)
 
-    data = quantize.CalibrationData(paths[:7], image_size=16, batch_size=3)
+    data = calibration.CalibrationData(paths[:7], image_size=16, batch_size=3)
     assert data() is data and len(data) == 3
     first, second = list(data()), list(data())
     assert [b[0].shape for b in first] == [(3, 16, 16, 3), (3, 16, 16, 3), (1, 16, 16, 3)]
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a[0], b[0])
     assert 0 <= first[0][0].min() and first[0][0].max() <= 255  # raw pixels
-    one_batch = quantize.CalibrationData(paths[:2], image_size=16, batch_size=5)
+    one_batch = calibration.CalibrationData(paths[:2], image_size=16, batch_size=5)
     assert [b[0].shape for b in one_batch()] == [(2, 16, 16, 3)]
 
 
@@ -255,7 +255,7 @@ def test_unquantizable_layers_are_refused_before_calibration(tmp_path):
     base.save(tmp_path / "base_sm", save_format="tf")
     revived = keras.models.load_model(tmp_path / "base_sm", compile=False)
     classifier = build_classifier(revived, LABELS, 32, "zero_to_one")
-    missing = quantize.CalibrationData([str(tmp_path / "missing.jpg")], 32, 1)
+    missing = calibration.CalibrationData([str(tmp_path / "missing.jpg")], 32, 1)
     with pytest.raises(TLError) as err:
         quantize.quantize_model(classifier, missing)  # no image is read: the check comes first
     message = str(err.value)
@@ -265,7 +265,7 @@ def test_unquantizable_layers_are_refused_before_calibration(tmp_path):
     assert '"quantize": false' in message
 
     with pytest.raises(TLError, match=r'"user_base/doubling" \(Doubling\) is a custom layer'):
-        quantize.check_quantizable(build_classifier(base, LABELS, 32, "zero_to_one"))
+        compat.check_quantizable(build_classifier(base, LABELS, 32, "zero_to_one"))
 
 
 def test_real_backbone_on_real_images():
@@ -277,11 +277,11 @@ def test_real_backbone_on_real_images():
     classifier = build_classifier(load_base_model(None, 96, 0.35), labels, 96)
     features = compute_features(classifier, train, validation, 96)
     train_head(classifier, features, epochs=10, batch_size=16)
-    paths = quantize.calibration_paths(train, batch_size=10, batches=2)
-    quantized = quantize.quantize_model(classifier, quantize.CalibrationData(paths, 96, 10))
+    paths = calibration.calibration_paths(train, batch_size=10, batches=2)
+    quantized = quantize.quantize_model(classifier, calibration.CalibrationData(paths, 96, 10))
 
     # MCT flattened the nested MobileNetV2: every convolution and the Dense are quantized.
-    float_layers = [layer for _, layer in quantize.iter_layers(classifier)]
+    float_layers = [layer for _, layer in compat.iter_layers(classifier)]
     weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
     wrappers = [layer for layer in quantized.layers if isinstance(layer, KerasQuantizationWrapper)]
     assert len(wrappers) == sum(isinstance(layer, weighted) for layer in float_layers) > 50

@@ -1,7 +1,8 @@
 """tl_helpers: transfer-learn an image classifier for an edge AI camera, from a notebook.
 
 Modules follow the data's path and import on demand (`tl_helpers.config` needs no TensorFlow):
-config -> dataset -> model -> train -> export -> evaluate (-> quantize, optional).
+config -> dataset -> model -> train -> export -> evaluate
+(-> quantize -> quantized_evaluation -> convert, optional).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "cache",
+    "calibration",
+    "compat",
     "config",
+    "convert",
     "dataset",
     "errors",
     "evaluate",
@@ -22,6 +26,8 @@ _SUBMODULES = (
     "plots",
     "progress",
     "quantize",
+    "quantized_evaluation",
+    "tflite",
     "train",
 )
 
@@ -33,7 +39,8 @@ def preload() -> None:
     doing no heavy work answer at once (importing jsonschema alone can take 2 s). MCT is still
     imported only when quantization runs.
     """
-    for name in ("config", "dataset", "model", "train", "export", "evaluate", "plots", "quantize"):
+    modules = ("config", "dataset", "model", "train", "export", "evaluate", "plots", "quantize")
+    for name in (*modules, "quantized_evaluation", "convert"):
         importlib.import_module(f"{__name__}.{name}")
     from tl_helpers import config
 

@@ -113,6 +113,8 @@ class Config:
     calibration_batch_size: int = _default("calibration_batch_size")
     calibration_batches: int = _default("calibration_batches")
     imx500_tpc_version: str = _default("imx500_tpc_version")
+    convert_for_imx500: bool = _default("convert_for_imx500")
+    imx500_input_persistency: bool = _default("imx500_input_persistency")
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -186,11 +186,7 @@ def build_classifier(
         )
     base.trainable = False
     inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
-    x = inputs
-    if PREPROCESSING[preprocessing] is not None:
-        scale, offset = PREPROCESSING[preprocessing]
-        x = keras.layers.Rescaling(scale, offset, name="preprocessing")(x)
-    x = base(x, training=False)
+    x = base(scale_pixels(inputs, preprocessing), training=False)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
     elif len(x.shape) == 2:
@@ -203,6 +199,19 @@ def build_classifier(
         )
     outputs = keras.layers.Dense(num_classes, activation="softmax", name=PREDICTIONS_LAYER)(x)
     return keras.Model(inputs, outputs, name="classifier")
+
+
+def scale_pixels(pixels: tf.Tensor, preprocessing: str) -> tf.Tensor:
+    """Scale raw 0-255 pixels as `preprocessing` says, with plain tensor arithmetic.
+
+    Keras records `x * scale + offset` as TensorFlow-op layers (TFOpLambda), which MCT quantizes
+    and Sony's IMX500 converter maps; the converter refuses Keras's `Rescaling` layer.
+    """
+    if PREPROCESSING[preprocessing] is None:
+        return pixels
+    scale, offset = PREPROCESSING[preprocessing]
+    scaled = pixels * scale
+    return scaled + offset if offset else scaled
 
 
 def feature_extractor(classifier: keras.Model) -> keras.Model:
