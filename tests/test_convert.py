@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, make_dataset, tiny_base_model, write_config
+from conftest import NOTEBOOK, ROOT, make_dataset, tiny_base_model, write_config
 
 from tl_helpers import compat, convert, quantize
 from tl_helpers.config import load_configuration
 from tl_helpers.dataset import scan_image_folder
 from tl_helpers.errors import TLError
 from tl_helpers.model import build_classifier
+from tl_helpers.run_notebook import run_notebook
 
 keras = tf.keras
 LABELS = {"red": 1, "green": 0, "blue": 2}
@@ -102,18 +103,15 @@ def tiny_keras_file(tmp_path_factory) -> Path:
 
 def test_labels_txt_line_number_is_class_id():
     assert convert.labels_text({"car": 1, "bike": 2, "human": 0}) == "human\ncar\nbike\n"
-    # A gap in the ids keeps every later class on its line.
-    assert convert.labels_text({"a": 0, "c": 3}) == "a\nunused_1\nunused_2\nc\n"
+    # A gap in the ids keeps every later class on its line; "-" is picamera2's undefined label.
+    assert convert.labels_text({"a": 0, "c": 3}) == "a\n-\n-\nc\n"
 
 
-def test_intrinsics_for_picamera2():
-    intrinsics = convert.intrinsics({"b": 1, "a": 0}, 224)
+def test_intrinsics_follow_picamera2_schema():
+    intrinsics = convert.intrinsics({"b": 1, "a": 0, "d": 3})
     assert intrinsics == {
         "task": "classification",
-        "labels": ["a", "b"],
-        "softmax": False,
-        "preserve_aspect_ratio": False,
-        "input_size": [224, 224],
+        "classes": {"labels": ["a", "b", "-", "d"], "ignore_undefined": True},
     }
 
 
@@ -234,15 +232,31 @@ def test_step_skipped_when_off_or_tools_missing(tmp_path, monkeypatch, capsys):
     assert results["top_1_accuracy"] == 0.5
 
 
+def test_notebook_without_converter_still_writes_results(tmp_path, monkeypatch):
+    """The whole notebook, quantization on, converter missing: one line, results.json written."""
+    make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)
+    write_config(tmp_path, quantize=True, calibration_batch_size=4, calibration_batches=1)
+    monkeypatch.setenv(convert.CONVERTER_ENV_VAR, str(tmp_path / "no-converter" / "imxconv-tf"))
+    nb = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
+    results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
+    conversion = results[convert.CONVERSION_KEY]
+    assert conversion["ran"] is False and "make venv" in conversion["reason"]
+    assert "quantized_keras_top_1_accuracy" in results
+    last = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"]
+    assert "".join(o.text for o in last).strip() == conversion["reason"]
+    assert not (tmp_path / "out" / "model" / "imx500").exists()
+
+
 # --------------------------------------------------------------------------- the real converter
 
 
 @needs_converter
 def test_tiny_classifier_converts(tmp_path, tiny_keras_file, capsys):
-    conversion = convert.convert(tiny_keras_file, tmp_path / "model", LABELS, 32)
+    conversion = convert.convert(tiny_keras_file, tmp_path / "model", LABELS)
     folder = tmp_path / "model" / "imx500"
     assert conversion.ran and conversion.directory == folder
-    for name in (convert.PACKER_FILE, convert.LABELS_TXT, convert.INTRINSICS_FILE, "dnnParams.xml"):
+    expected = (convert.PACKER_FILE, convert.LABELS_TXT, convert.INTRINSICS_FILE, convert.PI_SCRIPT)
+    for name in (*expected, "dnnParams.xml"):
         assert (folder / name).is_file(), name
     assert (folder / "quantized_model_MemoryReport.json").is_file()
     assert (folder / convert.PACKER_FILE).stat().st_size > 1000
@@ -262,12 +276,6 @@ def test_tiny_classifier_converts(tmp_path, tiny_keras_file, capsys):
     assert results["converter"] == "imx500-converter 3.19.2"
     assert set(results["files"]) >= {"packerOut.zip", "labels.txt", "dnnParams.xml"}
 
-    again = convert.convert(
-        tiny_keras_file, tmp_path / "model", LABELS, 32, input_persistency=False
-    )
-    assert not again.memory.input_persistent
-    assert again.memory.usage_bytes < memory.usage_bytes  # the input image's memory is freed
-
 
 @needs_converter
 def test_converter_failure_quotes_its_message_and_keeps_previous(tmp_path):
@@ -275,7 +283,7 @@ def test_converter_failure_quotes_its_message_and_keeps_previous(tmp_path):
     (tmp_path / "refused").mkdir()
     refused = _quantized_keras_file(tmp_path / "refused", _with_rescaling())
     with pytest.raises(TLError) as err:
-        convert.convert(refused, tmp_path, LABELS, 32)
+        convert.convert(refused, tmp_path, LABELS)
     message = str(err.value)
     assert "The IMX500 converter failed" in message
     assert "[USOP] The network contains unsupported ops" in message and "Rescaling" in message
@@ -293,7 +301,7 @@ def test_interrupted_conversion_keeps_previous(tmp_path, tiny_keras_file):
         "import sys\n"
         "from tl_helpers import convert\n"
         "try:\n"
-        f"    convert.convert({str(tiny_keras_file)!r}, {str(tmp_path)!r}, {LABELS!r}, 32)\n"
+        f"    convert.convert({str(tiny_keras_file)!r}, {str(tmp_path)!r}, {LABELS!r})\n"
         "except KeyboardInterrupt:\n"
         "    print('INTERRUPTED', flush=True)\n"
         "    sys.exit(3)\n"
@@ -334,7 +342,7 @@ def test_every_tpc_version_converts(tmp_path, tpc_version):
     6.0 also without input persistency."""
     keras_file = _quantized_keras_file(tmp_path, _tiny_classifier("zero_to_one"), tpc_version)
     persistency = tpc_version != "6.0"
-    conversion = convert.convert(keras_file, tmp_path, LABELS, 32, input_persistency=persistency)
+    conversion = convert.convert(keras_file, tmp_path, LABELS, input_persistency=persistency)
     assert conversion.memory.fits
     assert conversion.memory.input_persistent == persistency
     assert (tmp_path / "imx500" / convert.PACKER_FILE).is_file()

@@ -172,13 +172,22 @@ def test_end_to_end_on_real_photos_with_bundled_weights(tmp_path):
     config = json.loads((ROOT / "configuration.json").read_text())
     for key in ("dataset_training_dir", "dataset_validation_dir", "evaluate_label_file"):
         config[key] = str(ROOT / config[key])
+    labels_file = config["evaluate_label_file"]
     (tmp_path / "configuration.json").write_text(json.dumps(config))
     shutil.copy(NOTEBOOK, tmp_path)
     run_notebook(tmp_path / NOTEBOOK.name, tmp_path / "executed.ipynb", cwd=tmp_path)
     results = json.loads((tmp_path / config["evaluate_result_dir"] / "results.json").read_text())
     assert results["num_images"] == 40
     assert results["top_1_accuracy"] >= 0.6
-    if config.get("quantize"):  # the bundled default quantizes: both quantized models as well
-        assert results["quantized_keras_top_1_accuracy"] >= 0.6
-        assert results["quantized_tflite_top_1_accuracy"] >= 0.6
+    assert config["quantize"]  # the bundled default quantizes and converts for the IMX500
+    assert results["quantized_keras_top_1_accuracy"] >= 0.6
+    assert results["quantized_tflite_top_1_accuracy"] >= 0.6
+    imx500 = tmp_path / config["output_dir"] / "imx500"
+    conversion = results["imx500_conversion"]
+    assert conversion["ran"] and conversion["fits_in_chip"], conversion
+    assert (imx500 / "packerOut.zip").stat().st_size > 100_000
+    labels = json.loads(Path(labels_file).read_text())
+    lines = (imx500 / "labels.txt").read_text().splitlines()
+    assert lines == sorted(labels, key=labels.get)
+    assert 0 < conversion["memory"]["usage_bytes"] < conversion["memory"]["available_bytes"]
     assert SAMPLES.is_dir()

@@ -8,10 +8,10 @@ subprocess, streaming its progress into the notebook. Its back end is Java, 17 o
 `output_dir/imx500/` is written atomically, like every other output:
 
 - `packerOut.zip`: the input of `imx500-package` on a Raspberry Pi, or of the AITRIOS console;
-- `labels.txt`: one class name per line, line number = class id (`unused_<id>` for a gap);
+- `labels.txt`: one class name per line, line number = class id ("-" for an id no class has);
 - `dnnParams.xml`, `<name>_MemoryReport.json` and `<name>.pbtxt`: the converter's own reports;
-- `intrinsics.json`: what a program on the camera needs to read the output (picamera2's
-  network intrinsics: a classification task, the labels, softmax applied);
+- `intrinsics.json`: picamera2's network intrinsics (a classification task and its labels);
+- `classify.py`: a script for the Raspberry Pi that prints the top classes of each frame;
 - `converter.log`: everything the converter printed.
 """
 
@@ -33,12 +33,14 @@ from pathlib import Path
 from tl_helpers.config import Config
 from tl_helpers.errors import TLError
 from tl_helpers.export import replace_directory, write_json
+from tl_helpers.pi_classify import UNUSED_LABEL
 from tl_helpers.quantize import QuantizedModel
 
 IMX500_DIR = "imx500"
 PACKER_FILE = "packerOut.zip"
 LABELS_TXT = "labels.txt"
 INTRINSICS_FILE = "intrinsics.json"
+PI_SCRIPT = "classify.py"  # tl_helpers/pi_classify.py, for the Raspberry Pi
 LOG_FILE = "converter.log"
 CONVERSION_KEY = "imx500_conversion"  # the results.json section
 
@@ -163,20 +165,23 @@ def _is_executable(path: Path) -> bool:
 
 
 def labels_text(labels: dict[str, int]) -> str:
-    """labels.txt: line i holds the class whose id is i; an id no class has is `unused_<id>`."""
+    """labels.txt: line i holds the class whose id is i; an id no class has is "-"
+    (picamera2's mark for an undefined label)."""
     names = {class_id: name for name, class_id in labels.items()}
-    lines = [names.get(i, f"unused_{i}") for i in range(max(labels.values()) + 1)]
+    lines = [names.get(i, UNUSED_LABEL) for i in range(max(labels.values()) + 1)]
     return "\n".join(lines) + "\n"
 
 
-def intrinsics(labels: dict[str, int], input_size: int) -> dict[str, object]:
-    """The network's description for picamera2 (its NetworkIntrinsics JSON keys)."""
+def intrinsics(labels: dict[str, int]) -> dict[str, object]:
+    """The network's description in picamera2's NetworkIntrinsics JSON schema.
+
+    A classification task; the labels in class-id order, "-" ids ignored. No `cpu.softmax`
+    (the network ends in softmax) and no `input_aspect_ratio` (the camera scales the whole
+    frame to the square input, as the model was trained on whole photos resized).
+    """
     return {
         "task": "classification",
-        "labels": labels_text(labels).splitlines(),
-        "softmax": False,  # the network ends in softmax already: apply none on the Pi
-        "preserve_aspect_ratio": False,  # the camera scales the frame to the input square
-        "input_size": [input_size, input_size],
+        "classes": {"labels": labels_text(labels).splitlines(), "ignore_undefined": True},
     }
 
 
@@ -321,7 +326,6 @@ def convert(
     keras_file: str | Path,
     output_dir: str | Path,
     labels: dict[str, int],
-    input_size: int,
     *,
     input_persistency: bool = True,
     converter: Path | None = None,
@@ -361,7 +365,8 @@ def convert(
         if not memory.fits:
             raise TLError(not_fitting_message(memory, input_persistency))
         (tmp / LABELS_TXT).write_text(labels_text(labels), encoding="utf-8")
-        write_json(tmp / INTRINSICS_FILE, intrinsics(labels, input_size))
+        write_json(tmp / INTRINSICS_FILE, intrinsics(labels))
+        shutil.copyfile(Path(__file__).with_name("pi_classify.py"), tmp / PI_SCRIPT)
         names = sorted(path.name for path in tmp.iterdir())
         _readable(tmp)
         replace_directory(tmp, final)
@@ -436,7 +441,6 @@ def convert_for_imx500(
         quantized.keras_file,
         config.output_dir,
         labels,
-        config.input_tensor_size,
         input_persistency=config.imx500_input_persistency,
     )
     print(format_memory_report(conversion.memory))
