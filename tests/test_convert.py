@@ -55,7 +55,7 @@ def _quantized_keras_file(folder: Path, model: keras.Model, tpc_version: str = "
 
     def batches():
         for _ in range(2):
-            yield [rng.uniform(0, 255, (4, size, size, 3)).astype(np.float32)]
+            yield [rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)]
 
     quantized = quantize.quantize_model(model, batches, tpc_version)
     exporter = quantize.mct().exporter
@@ -290,6 +290,29 @@ def test_converter_failure_quotes_its_message_and_keeps_previous(tmp_path):
     after = {p.name: p.read_bytes() for p in (tmp_path / "imx500").iterdir()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imx500", "refused"]
+
+
+@needs_converter
+def test_network_too_large_for_the_chip_stops_with_figures(tmp_path):
+    """Activations of 16 x 640 x 640 bytes per layer do not fit in 8 MB: the converter's own
+    memory report gives the figures; the previous folder stays."""
+    before = _previous_conversion(tmp_path)
+    inputs = keras.Input((640, 640, 3), name="image")
+    x = inputs * (1 / 127.5) - 1.0
+    for _ in range(2):
+        x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    large = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    (tmp_path / "large").mkdir()
+    keras_file = _quantized_keras_file(tmp_path / "large", large)
+    with pytest.raises(TLError) as err:
+        convert.convert(keras_file, tmp_path, LABELS)
+    message = str(err.value)
+    assert "does not fit in the IMX500" in message
+    assert "of the 8.00 MB on the chip" in message
+    assert '"input_tensor_size"' in message and '"imx500_input_persistency": false' in message
+    assert {p.name: p.read_bytes() for p in (tmp_path / "imx500").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imx500", "large"]
 
 
 @needs_converter

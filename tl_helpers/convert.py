@@ -59,7 +59,7 @@ JAVA_HINT = (
 # (no GPU on this machine, CPU instructions, the oneDNN note); everything else is shown.
 _NOISE = re.compile(
     r"cuda|cuDNN|cuFFT|cuBLAS|TensorRT|oneDNN|cpu_feature_guard|rebuild TensorFlow with|"
-    r"Picked up JAVA_TOOL_OPTIONS|^\s*$"
+    r"Picked up JAVA_TOOL_OPTIONS|^\s*$|^\s+at [\w.$]+\(|^Exception in thread"
 )
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMG]?B)\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -355,15 +355,19 @@ def convert(
         )
         seconds = time.perf_counter() - start
         (tmp / LOG_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if status != 0 or not (tmp / PACKER_FILE).is_file():
+        # A network too large for the chip makes the converter fail after its memory report.
+        reports = sorted(tmp.glob("*_MemoryReport.json"))
+        memory = read_memory_report(reports[0]) if reports else None
+        if memory is not None and not memory.fits:
+            raise TLError(not_fitting_message(memory, input_persistency))
+        if status != 0 or not (tmp / PACKER_FILE).is_file() or memory is None:
             outcome = f"exit status {status}" if status else f"no {PACKER_FILE} was written"
+            if not status and (tmp / PACKER_FILE).is_file():
+                outcome = "no memory report was written"
             raise TLError(
                 f"The IMX500 converter failed ({outcome}) on {keras_file}:\n"
                 f"{converter_error(lines)}"
             )
-        memory = read_memory_report(_one(tmp.glob("*_MemoryReport.json"), tmp))
-        if not memory.fits:
-            raise TLError(not_fitting_message(memory, input_persistency))
         (tmp / LABELS_TXT).write_text(labels_text(labels), encoding="utf-8")
         write_json(tmp / INTRINSICS_FILE, intrinsics(labels))
         shutil.copyfile(Path(__file__).with_name("pi_classify.py"), tmp / PI_SCRIPT)
@@ -408,13 +412,6 @@ def _readable(folder: Path) -> None:
     folder.chmod(0o777 & ~mask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~mask)
-
-
-def _one(paths: Iterable[Path], folder: Path) -> Path:
-    found = sorted(paths)
-    if not found:
-        raise TLError(f"The IMX500 converter wrote no memory report in {folder}; see {LOG_FILE}.")
-    return found[0]
 
 
 def convert_for_imx500(
