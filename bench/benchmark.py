@@ -44,11 +44,11 @@ DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "flowers128"
 DEFAULT_OUT = REPO / "bench" / "out"
 DOCS_DIR = REPO / "docs" / "benchmark"
 NOTEBOOK = REPO / "image_classification.ipynb"
-README = REPO / "README.md"
-# --publish replaces what README.md holds between these two lines.
-README_START = "<!-- benchmark results: start (written by make bench) -->"
-README_END = "<!-- benchmark results: end -->"
-CHART_LINK = "docs/benchmark/benchmark.png"  # relative to README.md
+PUBLISHED = REPO / "docs" / "performance.md"
+# --publish replaces what docs/performance.md holds between these two lines.
+PUBLISH_START = "<!-- benchmark results: start (written by make bench) -->"
+PUBLISH_END = "<!-- benchmark results: end -->"
+CHART_LINK = "benchmark/benchmark.png"  # relative to docs/performance.md
 JPEG_START = b"\xff\xd8"
 JPEG_COMMENT = b"\xff\xfe"
 ONCE = ("project_quantize", "classic")  # long runs: first round only
@@ -415,21 +415,21 @@ def write_outputs(summary: dict, out: Path, publish: bool) -> None:
         print(f"Published benchmark.md and benchmark.png to {DOCS_DIR}")
         chart_line = f"![Time against epochs; peak memory]({CHART_LINK})\n\n" if chart else ""
         if replace_readme_block(chart_line + markdown_report(summary)):
-            print(f"Updated the benchmark results in {README.name}")
+            print(f"Updated the benchmark results in {PUBLISHED.name}")
         else:
-            print(f"{README.name} has no '{README_START}' line: paste benchmark.md there.")
+            print(f"{PUBLISHED.name} has no '{PUBLISH_START}' line: paste benchmark.md there.")
 
 
 def replace_readme_block(table: str) -> bool:
-    """Put the table between README.md's benchmark marker lines (False: no markers)."""
-    text = README.read_text(encoding="utf-8")
-    start, end = text.find(README_START), text.find(README_END)
+    """Put the table between docs/performance.md's benchmark marker lines (False: no markers)."""
+    text = PUBLISHED.read_text(encoding="utf-8")
+    start, end = text.find(PUBLISH_START), text.find(PUBLISH_END)
     if start < 0 or end < start:
         return False
-    text = text[: start + len(README_START)] + "\n\n" + table + "\n\n" + text[end:]
-    temporary = README.with_name(f".{README.name}.bench-tmp")
+    text = text[: start + len(PUBLISH_START)] + "\n\n" + table + "\n\n" + text[end:]
+    temporary = PUBLISHED.with_name(f".{PUBLISHED.name}.bench-tmp")
     temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, README)
+    os.replace(temporary, PUBLISHED)
     return True
 
 

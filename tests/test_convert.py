@@ -289,7 +289,11 @@ def test_converter_failure_quotes_its_message_and_keeps_previous(tmp_path):
     assert "[USOP] The network contains unsupported ops" in message and "Rescaling" in message
     after = {p.name: p.read_bytes() for p in (tmp_path / "imx500").iterdir()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imx500", "refused"]
+    failed_log = tmp_path / convert.FAILED_LOG_FILE
+    assert str(failed_log) in message and "[USOP]" in failed_log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["imx500", "refused", convert.FAILED_LOG_FILE]
+    )
 
 
 @needs_converter
@@ -312,7 +316,9 @@ def test_network_too_large_for_the_chip_stops_with_figures(tmp_path):
     assert "of the 8.00 MB on the chip" in message
     assert '"input_tensor_size"' in message and '"imx500_input_persistency": false' in message
     assert {p.name: p.read_bytes() for p in (tmp_path / "imx500").iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imx500", "large"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["imx500", "large", convert.FAILED_LOG_FILE]
+    )
 
 
 @needs_converter

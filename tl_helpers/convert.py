@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tl_helpers.config import Config
 from tl_helpers.errors import TLError
-from tl_helpers.export import replace_directory, write_json
+from tl_helpers.export import replace_directory, write_json, write_text
 from tl_helpers.pi_classify import UNUSED_LABEL
 from tl_helpers.quantize import QuantizedModel
 
@@ -42,6 +42,7 @@ LABELS_TXT = "labels.txt"
 INTRINSICS_FILE = "intrinsics.json"
 PI_SCRIPT = "classify.py"  # tl_helpers/pi_classify.py, for the Raspberry Pi
 LOG_FILE = "converter.log"
+FAILED_LOG_FILE = "imx500-failed-converter.log"  # in output_dir, when a conversion fails
 CONVERSION_KEY = "imx500_conversion"  # the results.json section
 
 CONVERTER_COMMAND = "imxconv-tf"
@@ -354,19 +355,23 @@ def convert(
             converter, Path(keras_file), tmp, input_persistency=input_persistency, echo=echo
         )
         seconds = time.perf_counter() - start
-        (tmp / LOG_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        log = "\n".join(lines) + "\n"
+        (tmp / LOG_FILE).write_text(log, encoding="utf-8")
         # A network too large for the chip makes the converter fail after its memory report.
         reports = sorted(tmp.glob("*_MemoryReport.json"))
         memory = read_memory_report(reports[0]) if reports else None
+        failed_log = output_dir / FAILED_LOG_FILE
         if memory is not None and not memory.fits:
+            write_text(failed_log, log)
             raise TLError(not_fitting_message(memory, input_persistency))
         if status != 0 or not (tmp / PACKER_FILE).is_file() or memory is None:
             outcome = f"exit status {status}" if status else f"no {PACKER_FILE} was written"
             if not status and (tmp / PACKER_FILE).is_file():
                 outcome = "no memory report was written"
+            write_text(failed_log, log)
             raise TLError(
                 f"The IMX500 converter failed ({outcome}) on {keras_file}:\n"
-                f"{converter_error(lines)}"
+                f"{converter_error(lines)}\n(all it printed: {failed_log})"
             )
         (tmp / LABELS_TXT).write_text(labels_text(labels), encoding="utf-8")
         write_json(tmp / INTRINSICS_FILE, intrinsics(labels))

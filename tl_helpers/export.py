@@ -36,6 +36,23 @@ def write_json(path: str | Path, data: object) -> Path:
     return path
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text to a temporary sibling, then move it into place in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
 def replace_directory(new: Path, final: Path) -> None:
     """Move the complete directory `new` to `final`, replacing what was there."""
     old = None
