@@ -13,11 +13,16 @@ MCT is imported on first use: it takes seconds, and runs without quantization ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -104,13 +109,63 @@ def quantize_model(
     QuantizationConfig; default: `quantization_config()`)."""
     check_quantizable(model)
     toolkit = mct()
-    quantized, _ = toolkit.ptq.keras_post_training_quantization(
-        model,
-        calibration,
-        core_config=toolkit.core.CoreConfig(quantization_config=settings or quantization_config()),
-        target_platform_capabilities=target_platform(tpc_version),
-    )
+    with statistics_in_parallel():
+        quantized, _ = toolkit.ptq.keras_post_training_quantization(
+            model,
+            calibration,
+            core_config=toolkit.core.CoreConfig(
+                quantization_config=settings or quantization_config()
+            ),
+            target_platform_capabilities=target_platform(tpc_version),
+        )
     return quantized
+
+
+@contextlib.contextmanager
+def statistics_in_parallel(workers: int | None = None) -> Iterator[None]:
+    """While active, MCT updates the statistics of its layers in parallel threads.
+
+    For each calibration batch MCT runs the model, then updates one statistics collector per
+    layer output (histograms, means, min/max) one after the other in NumPy, which is most of
+    its time and uses one core. The collectors share no state, and NumPy releases the GIL in
+    its array work, so here each update runs in a thread pool; all of a batch's updates finish
+    before MCT goes on, so every collector sees the batches in order and computes exactly what
+    it computes alone. At most 2 x `workers` updates wait at a time, which bounds the memory
+    of the layer outputs they hold. MCT's own methods are back on leaving, error or not.
+    """
+    from model_compression_toolkit.core.common.collectors.statistics_collector import (
+        StatsCollector,
+    )
+    from model_compression_toolkit.core.common.model_collector import ModelCollector
+
+    workers = workers or os.cpu_count() or 1
+    update, infer = StatsCollector.update_statistics, ModelCollector.infer
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mct-statistics")
+    slots = threading.BoundedSemaphore(2 * workers)
+    pending: list[Future] = []
+
+    def queued_update(collector: StatsCollector, x: Any, weights: Any = None) -> None:
+        slots.acquire()
+        future = pool.submit(update, collector, x, weights)
+        future.add_done_callback(lambda _: slots.release())
+        pending.append(future)
+
+    def infer_then_wait(collector: ModelCollector, inputs_list: Any) -> None:
+        try:
+            infer(collector, inputs_list)
+        finally:
+            done, pending[:] = list(pending), []
+            for future in done:
+                future.result()  # re-raises an update's error here
+
+    StatsCollector.update_statistics = queued_update
+    ModelCollector.infer = infer_then_wait
+    try:
+        yield
+    finally:
+        StatsCollector.update_statistics = update
+        ModelCollector.infer = infer
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def export_quantized(
