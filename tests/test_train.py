@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
     classifier = model.build_classifier(base, labels, SIZE)
     features = train.compute_features(classifier, train_set, val_set, SIZE)
     history = train.train_head(classifier, features, epochs=30, batch_size=8, learning_rate=0.01)
-    return {
+    weights = [w.copy() for w in classifier.get_weights()]
+    yield {
         "labels": labels,
         "train_set": train_set,
         "val_set": val_set,
@@ -36,6 +37,10 @@ def trained(tmp_path_factory):
         "history": history,
         "root": root,
     }
+    # Shared by the module's tests, so they must only read it: a test that trained it further
+    # would make the results of the others depend on the order they run in.
+    for before, after in zip(weights, classifier.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before, "a test changed the shared classifier")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +189,10 @@ def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, mo
 def test_batch_size_larger_than_training_set_is_clamped(trained, capsys):
     f = trained["features"]
     small = train.Features(f.train[:5], f.train_ids[:5])
-    train.train_head(trained["classifier"], small, epochs=1, batch_size=64, verbose=0)
+    classifier = model.build_classifier(
+        model.load_base_model(None, SIZE, 0.35), trained["labels"], SIZE
+    )
+    train.train_head(classifier, small, epochs=1, batch_size=64, verbose=0)
     out = capsys.readouterr().out
     assert "batch_size 64 is larger than the training set (5 images)" in out
 
