@@ -23,17 +23,23 @@ _SUBMODULES = (
     "plots",
     "progress",
     "quantize",
+    "startup",
     "train",
 )
 
 
 def preload() -> None:
-    """Import the modules the notebook uses, and build the configuration validator, now.
+    """Import TensorFlow, the modules the notebook uses, and build the configuration validator,
+    now.
 
-    The notebook calls this in its first cell, beside `import tensorflow`, so that later cells
-    doing no heavy work answer at once (importing jsonschema alone can take 2 s). MCT is still
-    imported only when quantization runs.
+    The notebook calls this in its first cell, so that later cells doing no heavy work answer
+    at once (importing jsonschema alone can take 2 s). TensorFlow comes first, imported without
+    its start-up notices on stderr (see tl_helpers.startup). MCT is still imported only when
+    quantization runs.
     """
+    from tl_helpers.startup import import_tensorflow
+
+    import_tensorflow()
     for name in ("config", "dataset", "model", "train", "export", "evaluate", "plots", "quantize"):
         importlib.import_module(f"{__name__}.{name}")
     from tl_helpers import config
