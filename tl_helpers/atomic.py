@@ -132,11 +132,12 @@ def recover_copy(source: Path, copy: Path) -> bool:
 
 
 def replace_directory_with_copy(new: Path, final: Path, inner: str, copy: Path) -> None:
-    """`replace_directory`, keeping the file `copy` equal to `final / inner` at every instant.
+    """`replace_directory`, with the file `copy` at every instant equal to `final / inner` or
+    missing, never another version's.
 
     `copy` (e.g. labels.json beside the model folder) is removed before the swap when it would
-    change, and written after it: in between it is missing, never the other version's. The
-    next run restores it from the folder (`recover_copy`).
+    change, and written after it. The next run restores a missing copy from the folder
+    (`recover_copy`).
     """
     content = (new / inner).read_bytes()
     if copy.exists() and copy.read_bytes() != content:
@@ -179,7 +180,7 @@ def _leftovers(final: Path, kind: str, keep: Path | None) -> list[Path]:
         match = _LEFTOVER.match(path.name)
         if not match or match["name"] != final.name or match["kind"] != kind:
             continue
-        if keep is not None and path == keep:
+        if keep is not None and path.name == keep.name:
             continue
         pid = int(match["pid"]) if match["pid"] else None
         if pid is not None and pid != os.getpid() and _alive(pid):
