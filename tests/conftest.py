@@ -122,7 +122,8 @@ def tiny_notebook_run(tmp_path_factory) -> SimpleNamespace:
 
     4 classes with unordered ids, 6 training and 3 validation images each, default MobileNetV2
     at 32 px, 3 epochs at learning rate 0.01 (enough to learn the colours), TensorBoard logging
-    on. Tests must only read what it wrote.
+    on. Tests must only read what it wrote: at the end of the session its files are checked to
+    be as the run left them.
     """
     from tl_helpers.run_notebook import run_notebook
 
@@ -131,7 +132,18 @@ def tiny_notebook_run(tmp_path_factory) -> SimpleNamespace:
     write_config(folder, epochs=3, learning_rate=0.01, tensorboard_log_dir="out/tensorboard")
     executed = folder / "executed.ipynb"
     nb = run_notebook(NOTEBOOK, executed, cwd=folder)
-    return SimpleNamespace(folder=folder, nb=nb, executed=executed, labels=LABELS_UNORDERED)
+    before = folder_state(folder)
+    yield SimpleNamespace(folder=folder, nb=nb, executed=executed, labels=LABELS_UNORDERED)
+    assert folder_state(folder) == before, "a test changed the shared notebook run's files"
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time in ns) of every file under `folder`, to see if any changed."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_dataset
+from conftest import folder_state, make_dataset
 
 from tl_helpers import dataset, evaluate, export, model, train
 from tl_helpers.inference import predict_images
@@ -45,9 +45,12 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(trained, tmp_path_factory):
-    """The trained classifier written once as a SavedModel (tests only read it)."""
+    """The trained classifier written once as a SavedModel (tests only read it: checked)."""
     out = tmp_path_factory.mktemp("saved") / "out"
-    return export.save_model(trained["classifier"], out, trained["labels"])
+    path = export.save_model(trained["classifier"], out, trained["labels"])
+    before = folder_state(out)
+    yield path
+    assert folder_state(out) == before, "a test changed the shared SavedModel"
 
 
 def test_features_follow_labels_json_ids(trained):
