@@ -38,8 +38,9 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest
 
+## Unit tests only: no notebook kernel, no MCT (see the markers in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not notebook and not mct"
 
 ## The benchmark (not a test; about 27 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,

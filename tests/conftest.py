@@ -20,7 +20,7 @@ NOTEBOOK = ROOT / "image_classification.ipynb"
 # Class ids neither alphabetical nor contiguous: the case the reference implementation got wrong.
 LABELS_UNORDERED = {"zebra": 0, "apple": 3, "mango": 1, "kiwi": 4}
 
-# Visually distinct colours, one per class id; images are that colour plus noise and a shape.
+# Visually distinct colours, one per class id; images are that colour plus noise.
 COLOURS = [
     (220, 40, 40),
     (40, 200, 40),
@@ -34,7 +34,7 @@ COLOURS = [
 
 
 def write_jpeg(path: Path, colour, size=(24, 20), seed=0) -> Path:
-    """A small real JPEG: a solid colour with noise."""
+    """A small real JPEG: a solid colour with noise (`seed`: an int or a list of ints)."""
     rng = np.random.default_rng(seed)
     w, h = size
     pixels = np.clip(
@@ -55,15 +55,18 @@ def make_dataset(
     """Spec layout: root/training/<class>/*.jpg, root/validation/<class>/*.jpg, root/labels.json.
 
     The colour of a class depends on its labels.json id, so a model can only score well when
-    training and evaluation use the same ids.
+    training and evaluation use the same ids. The noise is seeded by split, class and index, so
+    no validation image is a copy of a training image: a good Top-1 shows learning, not memory.
     """
     colour_of = colour_of or (lambda name: COLOURS[labels[name] % len(COLOURS)])
-    for split, count in (("training", train_per_class), ("validation", val_per_class)):
-        for name in labels:
+    splits = (("training", train_per_class), ("validation", val_per_class))
+    for split_index, (split, count) in enumerate(splits):
+        for class_index, name in enumerate(labels):
             for i in range(count):
                 size = (24 + 4 * (i % 3), 20 + 3 * (i % 2))
+                seed = [split_index, class_index, i]
                 write_jpeg(
-                    root / split / name / f"{name}_{i:03d}.jpg", colour_of(name), size, seed=i
+                    root / split / name / f"{name}_{i:03d}.jpg", colour_of(name), size, seed=seed
                 )
     (root / "labels.json").write_text(json.dumps(labels))
     return root
@@ -89,6 +92,24 @@ def write_config(directory: Path, **values) -> Path:
     return path
 
 
+# The two test tiers: `make test-fast` runs `-m "not slow and not notebook and not mct"`.
+NOTEBOOK_FIXTURES = {"tiny_notebook_run"}
+MCT_TEST_FILES = {"test_quantize.py"}  # every test there runs MCT quantization
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark the tests that need a notebook kernel or MCT, so the fast tier can leave them out.
+
+    Tests that start a kernel themselves carry `@pytest.mark.notebook`; those that only read the
+    shared notebook run get the mark from its fixture; every test of `MCT_TEST_FILES` gets `mct`.
+    """
+    for item in items:
+        if NOTEBOOK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.notebook)
+        if item.path.name in MCT_TEST_FILES:
+            item.add_marker(pytest.mark.mct)
+
+
 @pytest.fixture
 def labels_unordered() -> dict[str, int]:
     """Ids neither alphabetical nor contiguous: the case the reference implementation got wrong."""
@@ -100,16 +121,29 @@ def tiny_notebook_run(tmp_path_factory) -> SimpleNamespace:
     """The notebook run once headless (nbclient) on a tiny dataset, for the tests that read it.
 
     4 classes with unordered ids, 6 training and 3 validation images each, default MobileNetV2
-    at 32 px, 3 epochs, TensorBoard logging on. Tests must only read what it wrote.
+    at 32 px, 3 epochs at learning rate 0.01 (enough to learn the colours), TensorBoard logging
+    on. Tests must only read what it wrote: at the end of the session its files are checked to
+    be as the run left them.
     """
     from tl_helpers.run_notebook import run_notebook
 
     folder = tmp_path_factory.mktemp("tiny_notebook_run")
     make_dataset(folder / "data", LABELS_UNORDERED)
-    write_config(folder, epochs=3, tensorboard_log_dir="out/tensorboard")
+    write_config(folder, epochs=3, learning_rate=0.01, tensorboard_log_dir="out/tensorboard")
     executed = folder / "executed.ipynb"
     nb = run_notebook(NOTEBOOK, executed, cwd=folder)
-    return SimpleNamespace(folder=folder, nb=nb, executed=executed, labels=LABELS_UNORDERED)
+    before = folder_state(folder)
+    yield SimpleNamespace(folder=folder, nb=nb, executed=executed, labels=LABELS_UNORDERED)
+    assert folder_state(folder) == before, "a test changed the shared notebook run's files"
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time in ns) of every file under `folder`, to see if any changed."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture

@@ -26,10 +26,16 @@ from tl_helpers.run_notebook import run_notebook
 keras = tf.keras
 LABELS = {"red": 1, "green": 0, "blue": 2}
 CONVERTER = convert.find_converter()
-needs_converter = pytest.mark.skipif(
+_converter_ready = pytest.mark.skipif(
     convert.missing_tools() is not None,
     reason=f"IMX500 converter not ready: {convert.missing_tools()} (make venv installs it)",
 )
+
+
+def needs_converter(test):
+    """The real converter on a model quantized with MCT: not in the fast tier."""
+    return pytest.mark.mct(_converter_ready(test))
+
 
 # A memory report as imxconv-tf 3.19.2 writes it.
 REPORT = {
@@ -232,6 +238,8 @@ def test_step_skipped_when_off_or_tools_missing(tmp_path, monkeypatch, capsys):
     assert results["top_1_accuracy"] == 0.5
 
 
+@pytest.mark.notebook
+@pytest.mark.mct
 def test_notebook_without_converter_still_writes_results(tmp_path, monkeypatch):
     """The whole notebook, quantization on, converter missing: one line, results.json written."""
     make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)

@@ -56,7 +56,7 @@ def test_write_json_interrupted_keeps_previous_file(tmp_path, monkeypatch):
     def broken_dump(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.json, "dump", broken_dump)
+    monkeypatch.setattr(json, "dump", broken_dump)
     with pytest.raises(KeyboardInterrupt):
         export.write_json(target, {"top_1_accuracy": 0.9})
     assert json.loads(target.read_text()) == {"top_1_accuracy": 0.5}
@@ -120,3 +120,20 @@ def test_save_model_keeps_tensorflow_save_notices_out_of_the_output(tmp_path, ca
         tf.get_logger().info("Assets written to: elsewhere")
     messages = [record.getMessage() for record in caplog.records]
     assert messages == ["Assets written to: elsewhere"]
+
+
+def test_save_model_first_recovers_what_killed_runs_left(tmp_path, capsys):
+    """Temporary folders of killed runs (any swapped folder) go; a missing labels copy returns."""
+    out = tmp_path / "out"
+    export.save_model(_classifier(), out, {"a": 0, "b": 1})
+    (out / "labels.json").unlink()  # killed between removing the copy and swapping
+    (out / ".saved_model.tmp-999999999-x1").mkdir()  # no such process
+    (out / ".quantized.tmp-k3x_9a2b").mkdir()  # tempfile.mkdtemp's name
+    capsys.readouterr()
+    export.save_model(_classifier(), out, {"a": 0, "b": 1})
+    printed = capsys.readouterr().out
+    assert f"replacing {out / 'quantized'}: removed .quantized.tmp-k3x_9a2b." in printed
+    assert f"replacing {out / 'saved_model'}: removed .saved_model.tmp-999999999-x1." in printed
+    assert f"Restored {out / 'labels.json'} from " in printed
+    assert json.loads((out / "labels.json").read_text()) == {"a": 0, "b": 1}
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

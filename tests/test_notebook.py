@@ -45,7 +45,9 @@ def test_notebook_runs_on_tiny_configuration(tiny_notebook_run):
         sorted(run.labels.items(), key=lambda kv: kv[1])
     )
     results = json.loads((run.folder / "out" / "evaluation" / "results.json").read_text())
-    assert 0.0 <= results["top_1_accuracy"] <= 1.0
+    # 4 classes of distinct colours, validation images unlike the training ones: chance is 0.25
+    # (the run reaches 0.83).
+    assert results["top_1_accuracy"] >= 0.6, results["top_1_accuracy"]
     assert results["num_images"] == 12
     assert set(results["per_class"]) == set(run.labels)
     text = _outputs_text(run.nb)
@@ -54,6 +56,7 @@ def test_notebook_runs_on_tiny_configuration(tiny_notebook_run):
     assert run.executed.is_file()
 
 
+@pytest.mark.notebook
 def test_missing_configuration_stops_at_step_1(tmp_path):
     with pytest.raises(CellExecutionError) as err:
         run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
@@ -96,6 +99,7 @@ BAD_CONFIGURATIONS = [
 ]
 
 
+@pytest.mark.notebook
 def test_bad_configuration_stops_with_clear_message(tmp_path):
     """Each bad configuration stops at step 2 with one line naming the key; nothing written.
 
@@ -119,6 +123,7 @@ def test_bad_configuration_stops_with_clear_message(tmp_path):
         kernel.close()
 
 
+@pytest.mark.notebook
 def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
     make_dataset(tmp_path / "data", {"a": 0, "b": 1, "c": 2}, 6, 2)
     model_dir = tmp_path / "out" / "model" / "saved_model"
@@ -167,6 +172,7 @@ def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.notebook
 def test_end_to_end_on_real_photos_with_bundled_weights(tmp_path):
     """The default configuration on the bundled real photos: Top-1 far above chance (0.2)."""
     config = json.loads((ROOT / "configuration.json").read_text())

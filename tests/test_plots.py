@@ -127,6 +127,19 @@ def test_figures_on_tiny_inputs(tmp_path):
         plots.history_figure({})
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 7, 40])
+def test_training_curves_have_whole_epoch_ticks(epochs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    logs = {"loss": [1.0 / (i + 1) for i in range(epochs)], "accuracy": [0.5] * epochs}
+    fig = plots.history_figure(logs)
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # no CJK font on the machine
 def test_many_long_class_names_stay_readable(tmp_path):
     names = MANY_NAMES

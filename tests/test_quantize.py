@@ -336,7 +336,8 @@ def test_notebook_with_quantization_on(tmp_path):
         "quantized_keras_top_1_accuracy",
         "quantized_tflite_top_1_accuracy",
     ):
-        assert 0.0 <= results[key] <= 1.0
+        # The int8 models give the float model's Top-1 to within one image of the 6.
+        assert abs(results[key] - results["top_1_accuracy"]) <= 1 / 6 + 1e-9, results[key]
     assert results["quantization"]["calibration_images"] == 8
     assert results["quantization"]["settings_changed_from_mct_defaults"] == {
         "weights_error_method": "NOCLIPPING"

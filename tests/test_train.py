@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_dataset
+from conftest import folder_state, make_dataset, tiny_base_model
 
 from tl_helpers import dataset, evaluate, export, model, train
 from tl_helpers.inference import predict_images
@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
     classifier = model.build_classifier(base, labels, SIZE)
     features = train.compute_features(classifier, train_set, val_set, SIZE)
     history = train.train_head(classifier, features, epochs=30, batch_size=8, learning_rate=0.01)
-    return {
+    weights = [w.copy() for w in classifier.get_weights()]
+    yield {
         "labels": labels,
         "train_set": train_set,
         "val_set": val_set,
@@ -36,13 +37,28 @@ def trained(tmp_path_factory):
         "history": history,
         "root": root,
     }
+    # Shared by the module's tests, so they must only read it: a test that trained it further
+    # would make the results of the others depend on the order they run in.
+    for before, after in zip(weights, classifier.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before, "a test changed the shared classifier")
 
 
 @pytest.fixture(scope="module")
 def model_dir(trained, tmp_path_factory):
-    """The trained classifier written once as a SavedModel (tests only read it)."""
+    """The trained classifier written once as a SavedModel (tests only read it: checked)."""
     out = tmp_path_factory.mktemp("saved") / "out"
-    return export.save_model(trained["classifier"], out, trained["labels"])
+    path = export.save_model(trained["classifier"], out, trained["labels"])
+    before = folder_state(out)
+    yield path
+    assert folder_state(out) == before, "a test changed the shared SavedModel"
+
+
+def _classifier_with_features_of_size(size: int, labels: dict[str, int]) -> keras.Model:
+    """A fresh classifier whose head takes `size` features, on a base far cheaper to build than
+    MobileNetV2 (for tests of the head alone)."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    base = keras.Model(inputs, keras.layers.Conv2D(size, 3, strides=4)(inputs), name="cheap")
+    return model.build_classifier(base, labels, SIZE)
 
 
 def test_features_follow_labels_json_ids(trained):
@@ -66,9 +82,7 @@ def test_one_call_per_epoch_trains_the_model_step_by_step_fit_trains(trained):
     f = trained["features"]
     features = train.Features(f.train[:30], f.train_ids[:30])
     num_classes = trained["classifier"].output_shape[-1]
-    classifier = model.build_classifier(
-        model.load_base_model(None, SIZE, 0.35), trained["labels"], SIZE
-    )
+    classifier = _classifier_with_features_of_size(f.train.shape[1], trained["labels"])
     weights, losses = [], []
     for steps in (None, 1):
         keras.utils.set_random_seed(7)
@@ -184,7 +198,8 @@ def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, mo
 def test_batch_size_larger_than_training_set_is_clamped(trained, capsys):
     f = trained["features"]
     small = train.Features(f.train[:5], f.train_ids[:5])
-    train.train_head(trained["classifier"], small, epochs=1, batch_size=64, verbose=0)
+    classifier = _classifier_with_features_of_size(f.train.shape[1], trained["labels"])
+    train.train_head(classifier, small, epochs=1, batch_size=64, verbose=0)
     out = capsys.readouterr().out
     assert "batch_size 64 is larger than the training set (5 images)" in out
 
@@ -195,7 +210,7 @@ def test_corrupt_image_is_named_during_the_pass(tmp_path):
     bad = root / "training" / "b" / "b_002.jpg"
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     folder = dataset.scan_image_folder(root / "training", labels)
-    classifier = model.build_classifier(model.load_base_model(None, SIZE, 0.35), labels, SIZE)
+    classifier = model.build_classifier(tiny_base_model(SIZE), labels, SIZE)
     from tl_helpers.errors import TLError
 
     with pytest.raises(TLError, match="b_002.jpg"):

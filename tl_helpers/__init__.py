@@ -12,6 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "atomic",
     "cache",
     "calibration",
     "compat",
@@ -27,18 +28,24 @@ _SUBMODULES = (
     "progress",
     "quantize",
     "quantized_evaluation",
+    "startup",
     "tflite",
     "train",
 )
 
 
 def preload() -> None:
-    """Import the modules the notebook uses, and build the configuration validator, now.
+    """Import TensorFlow, the modules the notebook uses, and build the configuration validator,
+    now.
 
-    The notebook calls this in its first cell, beside `import tensorflow`, so that later cells
-    doing no heavy work answer at once (importing jsonschema alone can take 2 s). MCT is still
-    imported only when quantization runs.
+    The notebook calls this in its first cell, so that later cells doing no heavy work answer
+    at once (importing jsonschema alone can take 2 s). TensorFlow comes first, imported without
+    its start-up notices on stderr (see tl_helpers.startup). MCT is still imported only when
+    quantization runs.
     """
+    from tl_helpers.startup import import_tensorflow
+
+    import_tensorflow()
     modules = ("config", "dataset", "model", "train", "export", "evaluate", "plots", "quantize")
     for name in (*modules, "quantized_evaluation", "convert"):
         importlib.import_module(f"{__name__}.{name}")

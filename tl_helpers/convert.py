@@ -24,15 +24,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tl_helpers.atomic import remove, replace_directory, temporary_sibling, write_bytes, write_json
 from tl_helpers.config import Config
 from tl_helpers.errors import TLError
-from tl_helpers.export import replace_directory, write_json, write_text
 from tl_helpers.pi_classify import UNUSED_LABEL
 from tl_helpers.quantize import QuantizedModel
 
@@ -254,7 +253,7 @@ def run_converter(
     inside `output_dir`'s parent that is removed afterwards; Ctrl-C (the notebook's interrupt)
     stops the converter and its Java back end before the interrupt goes on.
     """
-    scratch = Path(tempfile.mkdtemp(prefix=".imxconv-tmp-", dir=output_dir.parent))
+    scratch = temporary_sibling(output_dir.parent / "imxconv-scratch")
     command = [str(converter), "-i", str(keras_file), "-o", str(output_dir), "--overwrite-output"]
     if not input_persistency:
         command.append("--no-input-persistency")
@@ -287,7 +286,7 @@ def run_converter(
             _stop(process)
             raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove(scratch)
 
 
 def _lines(stream: Iterable[str] | None) -> Iterable[str]:
@@ -347,7 +346,7 @@ def convert(
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / IMX500_DIR
     version = converter_version(converter)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{IMX500_DIR}.tmp-", dir=output_dir))
+    tmp = temporary_sibling(final)
     try:
         echo(f"Converting {keras_file} with {CONVERTER_COMMAND} {version} ({converter})")
         start = time.perf_counter()
@@ -362,13 +361,13 @@ def convert(
         memory = read_memory_report(reports[0]) if reports else None
         failed_log = output_dir / FAILED_LOG_FILE
         if memory is not None and not memory.fits:
-            write_text(failed_log, log)
+            write_bytes(failed_log, log.encode("utf-8"))
             raise TLError(not_fitting_message(memory, input_persistency))
         if status != 0 or not (tmp / PACKER_FILE).is_file() or memory is None:
             outcome = f"exit status {status}" if status else f"no {PACKER_FILE} was written"
             if not status and (tmp / PACKER_FILE).is_file():
                 outcome = "no memory report was written"
-            write_text(failed_log, log)
+            write_bytes(failed_log, log.encode("utf-8"))
             raise TLError(
                 f"The IMX500 converter failed ({outcome}) on {keras_file}:\n"
                 f"{converter_error(lines)}\n(all it printed: {failed_log})"
@@ -380,7 +379,7 @@ def convert(
         _readable(tmp)
         replace_directory(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return Conversion(
         ran=True,

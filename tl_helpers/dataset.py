@@ -1,6 +1,6 @@
 """Read an ImageNet-style JPEG folder dataset: labels.json, the class folders, the images.
 
-Layout (see SPEC.md)::
+Layout::
 
     dataset/
       training/<class name>/<image>.jpg ...
@@ -8,7 +8,12 @@ Layout (see SPEC.md)::
       labels.json          {"daisy": 0, "dandelion": 1, ...}
 
 The class id of an image is the id its folder name has in labels.json -- never the folder's
-alphabetical position. Every user-fixable problem raises `TLError` naming the file or folder at
+alphabetical position. Names are compared in Unicode NFC form on both sides, so a folder "café"
+made on macOS (decomposed é) matches "café" typed in labels.json. Ids are 0 or more, and the
+largest may be at most 10 x the number of classes + 100 (`max_class_id`): the model has one
+output per id up to the largest, and evaluation a square confusion matrix of that size.
+
+Every user-fixable problem raises `TLError` naming the file or folder at
 fault and saying how to fix it, before TensorFlow sees a single image.
 
 Typical use::
@@ -38,6 +43,7 @@ import itertools
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +58,7 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")  # compared case-insensitively
 JPEG_MAGIC = b"\xff\xd8\xff"
 ROLES = ("training", "validation")
 _MAX_LISTED = 5  # how many culprits a message lists before "... and N more"
+INT32_LIMIT = 2**31  # class ids are stored as int32
 _LABELS_EXAMPLE = '{"daisy": 0, "dandelion": 1, "roses": 2}'
 
 
@@ -110,15 +117,19 @@ def _check_label_pairs(path: Path, pairs: list[tuple[str, object]]) -> dict[str,
         raise TLError(f"{path} is empty ({{}}). List every class folder with its id.")
     labels: dict[str, int] = {}
     owner: dict[int, str] = {}
-    for name, class_id in pairs:
-        entry = f"{json.dumps(name)}: {json.dumps(class_id)}"
+    for raw_name, class_id in pairs:
+        name = class_name(raw_name)
+        entry = f"{json.dumps(raw_name, ensure_ascii=False)}: {json.dumps(class_id)}"
         if not name.strip() or "/" in name or "\\" in name:
             raise TLError(
                 f"{path}: entry {entry} has an invalid class name. Use the class folder's "
                 "name (non-empty, no slashes)."
             )
         if name in labels:
-            raise TLError(f"{path}: class {json.dumps(name)} is listed twice. Keep one entry.")
+            raise TLError(
+                f"{path}: class {json.dumps(name, ensure_ascii=False)} is listed twice (names "
+                "are compared in Unicode NFC form). Keep one entry."
+            )
         if isinstance(class_id, bool) or not isinstance(class_id, int):
             raise TLError(
                 f"{path}: entry {entry} has a class id that is not an integer. "
@@ -133,7 +144,33 @@ def _check_label_pairs(path: Path, pairs: list[tuple[str, object]]) -> dict[str,
             )
         labels[name] = class_id
         owner[class_id] = name
+    _check_largest_id(path, labels)
     return labels
+
+
+def max_class_id(num_classes: int) -> int:
+    """The largest class id allowed for `num_classes` classes: ids may skip, but not by far."""
+    return min(10 * num_classes + 100, INT32_LIMIT - 1)
+
+
+def class_name(name: str) -> str:
+    """A class name as it is compared: Unicode NFC (macOS stores folder names decomposed)."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _check_largest_id(path: Path, labels: dict[str, int]) -> None:
+    """Refuse an id so large that the model's output and the confusion matrix would explode."""
+    name, largest = max(labels.items(), key=lambda item: item[1])
+    limit = max_class_id(len(labels))
+    if largest <= limit:
+        return
+    size = largest + 1
+    raise TLError(
+        f"{path}: class {json.dumps(name)} has id {largest:,}, far more than its "
+        f"{len(labels)} classes need: the model would get {size:,} outputs and evaluation a "
+        f"{size:,} x {size:,} confusion matrix. Number the classes from 0 (the largest id "
+        f"allowed for {len(labels)} classes is {limit:,}: 10 x classes + 100)."
+    )
 
 
 def _json_kind(value: object) -> str:
@@ -249,7 +286,13 @@ def _list_class_dirs(directory: Path, role: str) -> tuple[dict[str, Path], list[
             if entry.is_symlink() and entry.is_dir():
                 links.append(entry.path)
             elif entry.is_dir(follow_symlinks=False):
-                class_dirs[entry.name] = Path(entry.path)
+                name = class_name(entry.name)
+                if name in class_dirs:
+                    raise TLError(
+                        f"{role.capitalize()} class folders {class_dirs[name]} and {entry.path} "
+                        "have the same name in different Unicode forms. Merge them into one."
+                    )
+                class_dirs[name] = Path(entry.path)
             else:
                 skipped.append(entry.name)
     if links:

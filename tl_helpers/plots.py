@@ -273,7 +273,9 @@ def history_figure(history: object) -> Figure:
                     last.append(f"{role} {logs[key][-1]:.3f}")
             ax.set_title(f"{metric.capitalize()} (last epoch: {', '.join(last)})", fontsize=10)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # Whole epochs only, even with one epoch (only one integer in view: matplotlib's
+            # default of at least two ticks would fall back to fractions).
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             if metric == "accuracy":

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -30,11 +28,12 @@ from typing import Any
 
 import tensorflow as tf
 
+from tl_helpers.atomic import remove, replace_directory, temporary_sibling, write_json
 from tl_helpers.calibration import CalibrationData, calibration_paths
 from tl_helpers.compat import check_convertible, check_quantizable
 from tl_helpers.config import Config
 from tl_helpers.dataset import ImageFolder
-from tl_helpers.export import LABELS_FILE, replace_directory, write_json
+from tl_helpers.export import LABELS_FILE
 from tl_helpers.progress import ticking, without_tensorflow_notices
 from tl_helpers.tflite import tflite_converts_traced_call
 
@@ -176,7 +175,7 @@ def export_quantized(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / QUANTIZED_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{QUANTIZED_DIR}.tmp-", dir=output_dir))
+    tmp = temporary_sibling(final)
     try:
         # The .keras first: the TFLite exporter removes MCT's metadata layer from the model.
         serialization, quantization = (
@@ -206,7 +205,7 @@ def export_quantized(
             write_json(tmp / LABELS_FILE, dict(sorted(labels.items(), key=lambda kv: kv[1])))
         replace_directory(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return final
 
