@@ -354,27 +354,8 @@ def convert(
             converter, Path(keras_file), tmp, input_persistency=input_persistency, echo=echo
         )
         seconds = time.perf_counter() - start
-        log = "\n".join(lines) + "\n"
-        (tmp / LOG_FILE).write_text(log, encoding="utf-8")
-        # A network too large for the chip makes the converter fail after its memory report.
-        reports = sorted(tmp.glob("*_MemoryReport.json"))
-        memory = read_memory_report(reports[0]) if reports else None
-        failed_log = output_dir / FAILED_LOG_FILE
-        if memory is not None and not memory.fits:
-            write_bytes(failed_log, log.encode("utf-8"))
-            raise TLError(not_fitting_message(memory, input_persistency))
-        if status != 0 or not (tmp / PACKER_FILE).is_file() or memory is None:
-            outcome = f"exit status {status}" if status else f"no {PACKER_FILE} was written"
-            if not status and (tmp / PACKER_FILE).is_file():
-                outcome = "no memory report was written"
-            write_bytes(failed_log, log.encode("utf-8"))
-            raise TLError(
-                f"The IMX500 converter failed ({outcome}) on {keras_file}:\n"
-                f"{converter_error(lines)}\n(all it printed: {failed_log})"
-            )
-        (tmp / LABELS_TXT).write_text(labels_text(labels), encoding="utf-8")
-        write_json(tmp / INTRINSICS_FILE, intrinsics(labels))
-        shutil.copyfile(Path(__file__).with_name("pi_classify.py"), tmp / PI_SCRIPT)
+        memory = checked_outcome(tmp, status, lines, Path(keras_file), input_persistency)
+        add_camera_files(tmp, labels)
         names = sorted(path.name for path in tmp.iterdir())
         _readable(tmp)
         replace_directory(tmp, final)
@@ -390,6 +371,42 @@ def convert(
         files={name: str(final / name) for name in names},
         input_persistency=input_persistency,
     )
+
+
+def checked_outcome(
+    folder: Path, status: int, lines: list[str], keras_file: Path, input_persistency: bool
+) -> MemoryReport:
+    """The memory report of a successful conversion into `folder`; TLError otherwise.
+
+    The converter's log goes into `folder`, and beside it (FAILED_LOG_FILE) when it failed.
+    A network too large for the chip makes the converter fail after writing its memory report:
+    that failure is reported with the report's figures.
+    """
+    log = "\n".join(lines) + "\n"
+    (folder / LOG_FILE).write_text(log, encoding="utf-8")
+    reports = sorted(folder.glob("*_MemoryReport.json"))
+    memory = read_memory_report(reports[0]) if reports else None
+    packed = (folder / PACKER_FILE).is_file()
+    if memory is not None and memory.fits and status == 0 and packed:
+        return memory
+    failed_log = folder.parent / FAILED_LOG_FILE
+    write_bytes(failed_log, log.encode("utf-8"))
+    if memory is not None and not memory.fits:
+        raise TLError(not_fitting_message(memory, input_persistency))
+    outcome = f"exit status {status}" if status else f"no {PACKER_FILE} was written"
+    if not status and packed:
+        outcome = "no memory report was written"
+    raise TLError(
+        f"The IMX500 converter failed ({outcome}) on {keras_file}:\n"
+        f"{converter_error(lines)}\n(all it printed: {failed_log})"
+    )
+
+
+def add_camera_files(folder: Path, labels: dict[str, int]) -> None:
+    """labels.txt, intrinsics.json and the Raspberry Pi script, beside packerOut.zip."""
+    (folder / LABELS_TXT).write_text(labels_text(labels), encoding="utf-8")
+    write_json(folder / INTRINSICS_FILE, intrinsics(labels))
+    shutil.copyfile(Path(__file__).with_name("pi_classify.py"), folder / PI_SCRIPT)
 
 
 def not_fitting_message(memory: MemoryReport, input_persistency: bool) -> str:
