@@ -5,7 +5,7 @@ batch 32, seed 0, feature cache in the output folder), then for each calibration
 quantize it with MCT (the project's settings), export both files, and measure Top-1 of the
 quantized .keras and int8 .tflite files on every validation image. Times are wall seconds.
 
-    .venv/bin/python bench/calibration.py                      # flowers128 + clothing10
+    .venv/bin/python bench/calibration.py --statistics serial  # the published table
     .venv/bin/python bench/calibration.py --datasets clothing10 --sizes 100 500 --seeds 0
 
 Writes OUT/calibration.json and prints a Markdown table (docs/quantization.md has the
@@ -33,6 +33,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--calibration-batch-size", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--statistics",
+        choices=["parallel", "serial"],
+        default="parallel",
+        help="MCT's statistics updates in parallel threads (the notebook's way) or one by one",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "calibration")
     return parser.parse_args()
 
@@ -81,7 +87,9 @@ def main() -> None:
                 )
                 data = tl.calibration.CalibrationData(paths, 224, args.calibration_batch_size)
                 start = time.perf_counter()
-                quantized = tl.quantize.quantize_model(classifier, data)
+                quantized = tl.quantize.quantize_model(
+                    classifier, data, parallel_statistics=args.statistics == "parallel"
+                )
                 mct_seconds = time.perf_counter() - start
                 with tempfile.TemporaryDirectory(dir=args.out) as work:
                     start = time.perf_counter()
@@ -103,6 +111,7 @@ def main() -> None:
                     eval_seconds = time.perf_counter() - start
                 row = {
                     "dataset": name,
+                    "statistics": args.statistics,
                     "seed": seed,
                     "calibration_images": len(paths),
                     "float_top_1": float_top1,

@@ -347,3 +347,30 @@ def test_notebook_with_quantization_on(tmp_path):
     chart = tmp_path / "out" / "model" / "figures" / "float_vs_quantized.png"
     with Image.open(chart) as image:  # the float vs quantized Top-1 chart (issue 5)
         assert image.width >= 300 and image.height >= 200
+
+
+def test_parallel_statistics_give_the_same_quantized_model(tmp_path):
+    """MCT's statistics updated in parallel threads (the default) or one layer after the other
+    give the same weights and the same quantizer thresholds."""
+    make_dataset(tmp_path / "data", LABELS, train_per_class=6, val_per_class=2)
+    train, validation = _folders(tmp_path / "data", LABELS)
+    classifier = _trained_tiny_classifier(train, validation)
+    paths = calibration.calibration_paths(train, batch_size=6, batches=3)
+
+    def quantized(parallel: bool):
+        data = calibration.CalibrationData(paths, 32, 6)
+        model = quantize.quantize_model(classifier, data, parallel_statistics=parallel)
+        thresholds = [
+            layer.activation_holder_quantizer.get_config()
+            for layer in model.layers
+            if hasattr(layer, "activation_holder_quantizer")
+        ]
+        return model.get_weights(), thresholds
+
+    serial_weights, serial_thresholds = quantized(False)
+    parallel_weights, parallel_thresholds = quantized(True)
+    assert len(serial_thresholds) > 5
+    assert parallel_thresholds == serial_thresholds
+    assert len(parallel_weights) == len(serial_weights)
+    for a, b in zip(parallel_weights, serial_weights, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -103,12 +103,16 @@ def quantize_model(
     calibration: CalibrationData,
     tpc_version: str = "1.0",
     settings: Any = None,
+    parallel_statistics: bool = True,
 ) -> keras.Model:
     """Run MCT post-training quantization for the IMX500 with `settings` (an MCT
-    QuantizationConfig; default: `quantization_config()`)."""
+    QuantizationConfig; default: `quantization_config()`); MCT's statistics updates run in
+    parallel threads unless `parallel_statistics` is False (same result, see
+    `statistics_in_parallel`)."""
     check_quantizable(model)
     toolkit = mct()
-    with statistics_in_parallel():
+    parallel = statistics_in_parallel() if parallel_statistics else contextlib.nullcontext()
+    with parallel:
         quantized, _ = toolkit.ptq.keras_post_training_quantization(
             model,
             calibration,
