@@ -22,6 +22,7 @@ _SUBMODULES = (
     "plots",
     "progress",
     "quantize",
+    "store",
     "train",
 )
 

@@ -187,11 +187,13 @@ def cached_features(
     image_size: int,
     cache_dir: str | Path,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
+    max_bytes: int = store.DEFAULT_MAX_BYTES,
 ) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
     """Features of `paths` (in order): stored ones found, the others computed and stored.
 
     Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
-    cannot be written (one warning line; the run goes on without the cache).
+    cannot be written (one warning line; the run goes on without the cache). Afterwards the
+    store is pruned to `max_bytes` (see `FeatureStore.prune`).
     """
     paths = list(paths)
     if not paths:
@@ -200,7 +202,7 @@ def cached_features(
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
         return uncached_features(extractor, paths, image_size, batch_size)
-    feature_store = FeatureStore(cache_dir)
+    feature_store = FeatureStore(cache_dir, max_bytes)
     try:
         feature_store.folder.mkdir(parents=True, exist_ok=True)
         features, report = _pass(feature_store, key, extractor, paths, image_size, batch_size)

@@ -340,6 +340,7 @@ class FeatureStore:
 
     def digests(self, paths: Sequence[str]) -> list[bytes]:
         """SHA-256 of each file's content; files unchanged since they were last seen not read."""
+        paths = [str(path) for path in paths]
         known = self._read_stat_index()
         stats = [_stat(path) for path in paths]
         digests: list[bytes | None] = []
@@ -355,7 +356,7 @@ class FeatureStore:
         now_ns = time.time_ns()
         settled = [i for i in todo if now_ns - max(stats[i][1], stats[i][2]) > RACY_SECONDS * 1e9]
         updates = {paths[i]: (stats[i], digests[i]) for i in settled}
-        self._update_stat_index(updates, seen=[str(p) for p in paths], known=known)
+        self._update_stat_index(updates, seen=paths, known=known)
         return digests
 
     def _read_stat_index(self) -> dict[str, tuple[tuple, bytes, int]]:
@@ -370,9 +371,16 @@ class FeatureStore:
             return {}
         if not (len(names) == len(stats) == len(digests) == len(seen)):
             return {}
+        blob = digests.tobytes()
         return {
-            name.decode("utf-8", "surrogateescape"): (tuple(stat.tolist()), digest.tobytes(), s)
-            for name, stat, digest, s in zip(names, stats, digests, seen.tolist(), strict=True)
+            name.decode("utf-8", "surrogateescape"): (
+                tuple(stat),
+                blob[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES],
+                last_seen,
+            )
+            for i, (name, stat, last_seen) in enumerate(
+                zip(names, stats.tolist(), seen.tolist(), strict=True)
+            )
         }
 
     def _update_stat_index(self, updates: dict, seen: list[str], known: dict) -> None:
@@ -673,7 +681,11 @@ def _stat(path: str) -> tuple[int, int, int, int, int]:
             f"Cannot read {path} ({err.strerror}): it was moved or deleted after the "
             "dataset was read. Run the dataset cell again."
         ) from None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    # 63 bits of inode and device, so that the five fit an int64 row of the stat index.
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino & _INT63, st.st_dev & _INT63)
+
+
+_INT63 = 2**63 - 1
 
 
 def _hash(path: str) -> bytes:

@@ -21,7 +21,7 @@ from tl_helpers import cache
 from tl_helpers.dataset import ImageFolder
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
-from tl_helpers.store import StoredFeatures
+from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
 
 keras = tf.keras
 
@@ -65,11 +65,13 @@ def compute_features(
     batch_size: int = INFERENCE_BATCH_SIZE,
     *,
     cache_dir: str | Path | None = None,
+    cache_max_gb: float = DEFAULT_MAX_BYTES / 2**30,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
-    With `cache_dir`, features of unchanged images come from the feature cache there (see
-    tl_helpers.cache) and only new or changed images go through the base; None: no cache.
+    With `cache_dir`, features of unchanged images come from the feature store there (see
+    tl_helpers.cache and tl_helpers.store; `cache_max_gb` is its size budget) and only new or
+    changed images go through the base; None: no cache, the features are held in memory.
     """
     extractor = feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
@@ -77,7 +79,9 @@ def compute_features(
     if cache_dir is None:
         vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
     else:
-        vectors, report = cache.cached_features(extractor, paths, image_size, cache_dir, batch_size)
+        vectors, report = cache.cached_features(
+            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 2**30)
+        )
     count = len(train)
     features = Features(
         vectors[:count], np.asarray(train.class_ids, dtype=np.int32), model_key=report.key
