@@ -376,6 +376,17 @@ def test_stored_features_index_like_an_array(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.concatenate(batches), expected)
 
 
+def test_features_found_stay_readable_when_another_run_prunes_their_model(tmp_path):
+    digests = [_digest(i) for i in range(5)]
+    expected = np.stack([_features_of(d) for d in digests])
+    FeatureStore(tmp_path).add("a" * 64, digests, expected)
+    found = FeatureStore(tmp_path).lookup("a" * 64, digests).features
+    other = FeatureStore(tmp_path)
+    other.add("b" * 64, digests, expected)
+    assert other.prune(current="b" * 64, keep_models=1) == [other.model_folder("a" * 64)]
+    np.testing.assert_array_equal(np.asarray(found), expected)
+
+
 def test_another_datasets_entries_are_kept(tmp_path):
     """Two datasets, one cache folder, one base: neither run evicts the other's features."""
     one = make_dataset(tmp_path / "one", LABELS, train_per_class=3, val_per_class=1)

@@ -275,6 +275,12 @@ class StoredFeatures:
             out[mask] = self._map(int(shard))[row_of[mask]]
         return out
 
+    def open(self) -> None:
+        """Map every shard these rows are in now, so that a prune by another run later (which
+        deletes files, not mappings) cannot take them away."""
+        for shard in np.unique(self.shard_of):
+            self._map(int(shard))
+
     def _map(self, shard: int) -> np.ndarray:
         """The memory map of a shard, opened once."""
         if shard not in self._maps:
@@ -469,6 +475,7 @@ class FeatureStore:
                 index.row_of[entry[found]],
                 index.dim,
             )
+            features.open()
         return Located(features, found, missing)
 
     def _check_shards(self, index: ModelIndex, numbers: set[int]) -> dict[str, str]:
