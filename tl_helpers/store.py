@@ -45,6 +45,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -221,21 +222,65 @@ def write_index(path: Path, index: ModelIndex) -> None:
 # --------------------------------------------------------------------------- stored features
 
 
+class ShardMaps:
+    """Read-only memory maps of a model's shards, opened once, their pages released after use.
+
+    Pages a process reads through a memory map count in its resident memory until the kernel
+    needs them back, and a read maps the pages around it too (fault-around, readahead): a few
+    thousand random rows map most of a shard. After each gather the maps it read are told to
+    drop their pages (`madvise(MADV_DONTNEED)`: the data stays in the page cache, nothing is
+    lost), so training over a large store keeps the process small.
+    """
+
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder = folder
+        self.names = names
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+
+    def array(self, shard: int) -> np.ndarray:
+        """The float32 [rows, dim] array of one shard."""
+        if shard not in self._maps:
+            self._maps[shard] = _map_npy(self.folder / self.names[shard])
+        return self._maps[shard][1]
+
+    def release(self, shard: int) -> None:
+        """Drop the pages of one shard's map from this process (they stay in the page cache)."""
+        if shard in self._maps and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[shard][0].madvise(mmap.MADV_DONTNEED)
+
+
+def _map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
+    """Map a 2-D float32 .npy file read-only; the array is a view of the map."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        if len(shape) != 2 or fortran or dtype != np.float32:
+            raise ValueError(f"{path} is not a float32 [rows, features] array")
+        handle = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        count = shape[0] * shape[1]
+        array = np.frombuffer(handle, dtype=np.float32, count=count, offset=file.tell())
+    return handle, array.reshape(shape)
+
+
 class StoredFeatures:
     """The features of a list of images, gathered from memory-mapped shards on demand.
 
     Behaves like a read-only float32 [n, dim] array for what training and evaluation need:
     `len`, `shape`, `x[start:stop]` (another StoredFeatures), `x[int array]` and `np.asarray(x)`
-    (arrays) and `batches`; `tl_helpers.train.feature_dataset` makes it a tf.data source.
+    (arrays); `tl_helpers.train.feature_dataset` makes it a tf.data source.
     """
 
-    def __init__(self, folder: Path, shards: list[str], shard_of, row_of, dim: int, maps=None):
-        self.folder = folder
-        self.shards = shards
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, maps: ShardMaps, shard_of, row_of, dim: int):
+        self.maps = maps
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.row_of = np.asarray(row_of, dtype=np.int64)
         self.dim = dim
-        self._maps = maps if maps is not None else {}  # shard number -> memory-mapped array
 
     def __len__(self) -> int:
         return len(self.shard_of)
@@ -244,19 +289,9 @@ class StoredFeatures:
     def shape(self) -> tuple[int, int]:
         return (len(self), self.dim)
 
-    dtype = np.dtype(np.float32)
-    ndim = 2
-
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return StoredFeatures(
-                self.folder,
-                self.shards,
-                self.shard_of[item],
-                self.row_of[item],
-                self.dim,
-                self._maps,
-            )
+            return StoredFeatures(self.maps, self.shard_of[item], self.row_of[item], self.dim)
         if isinstance(item, int | np.integer):
             return self.take(np.array([item]))[0]
         return self.take(np.asarray(item))
@@ -272,21 +307,15 @@ class StoredFeatures:
         shard_of, row_of = self.shard_of[rows], self.row_of[rows]
         for shard in np.unique(shard_of):
             mask = shard_of == shard
-            out[mask] = self._map(int(shard))[row_of[mask]]
+            out[mask] = self.maps.array(int(shard))[row_of[mask]]
+            self.maps.release(int(shard))
         return out
 
     def open(self) -> None:
         """Map every shard these rows are in now, so that a prune by another run later (which
         deletes files, not mappings) cannot take them away."""
         for shard in np.unique(self.shard_of):
-            self._map(int(shard))
-
-    def _map(self, shard: int) -> np.ndarray:
-        """The memory map of a shard, opened once."""
-        if shard not in self._maps:
-            path = self.folder / self.shards[shard]
-            self._maps[shard] = np.load(path, mmap_mode="r", allow_pickle=False)
-        return self._maps[shard]
+            self.maps.array(int(shard))
 
 
 def feature_batches(values, batch_size: int) -> Iterator[np.ndarray]:
@@ -469,8 +498,7 @@ class FeatureStore:
         features = None
         if found.any():
             features = StoredFeatures(
-                self.model_folder(key),
-                [shard.name for shard in index.shards],
+                ShardMaps(self.model_folder(key), [shard.name for shard in index.shards]),
                 index.shard_of[entry[found]],
                 index.row_of[entry[found]],
                 index.dim,
