@@ -8,8 +8,9 @@ peak RSS is its own::
 
 writes <folder>/data (the JPEGs, 5 classes, once) and <folder>/store, then prints one line per
 step: the scan (dataset.scan_image_folder), the digests (stat index, hashing what changed), the
-lookup (index + checksum of every shard used) and the peak RSS. The features are made-up
-1,280 float32 rows added once, as the backbone pass would add them.
+lookup (index + checksum of every shard used) and the peak RSS; the last step also trains the
+head for 2 epochs from the store (train.train_head). The features are made-up 1,280 float32
+rows added once, as the backbone pass would add them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def make_images(data: Path, count: int) -> None:
 
 
 def step(folder: Path, name: str) -> dict:
-    """One step in this process: 'check' (scan + digests + lookup) or 'fill' (add features)."""
+    """One step in this process: 'check' (scan + digests + lookup), 'fill' (add features
+    first) or 'train' (check, then train the head from the store)."""
     import numpy as np
 
     from tl_helpers import dataset, store
@@ -70,9 +72,33 @@ def step(folder: Path, name: str) -> dict:
     located = feature_store.lookup(key, digests)
     times["lookup_s"] = time.perf_counter() - start
     times["found"] = int(located.found.sum())
+    if name == "train":
+        times["peak_rss_before_training_mb"] = _peak_rss_mb()
+        times["train_head_s"] = train_two_epochs(located.features, images)
     times["images"] = len(images)
-    times["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times["peak_rss_mb"] = _peak_rss_mb()
     return times
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_two_epochs(features, images) -> float:
+    """train.train_head for 2 epochs (batch 32) on the stored features, 10 % for validation."""
+    import tensorflow as tf
+
+    from tl_helpers import model, train
+
+    keras = tf.keras
+    cut = len(images) * 9 // 10
+    ids = images.class_ids
+    split = train.Features(features[:cut], ids[:cut], features[cut:], ids[cut:])
+    base = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(FEATURES, 3)])
+    classifier = model.build_classifier(base, images.labels, 32)
+    start = time.perf_counter()
+    train.train_head(classifier, split, 2, 32, verbose=0)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -84,7 +110,7 @@ def main() -> None:
     start = time.perf_counter()
     make_images(folder / "data", count)
     print(f"images ready ({time.perf_counter() - start:.1f} s)")
-    for name in ("fill", "check", "check"):
+    for name in ("fill", "check", "check", "train"):
         out = subprocess.run(
             [sys.executable, __file__, str(folder), str(count), name],
             capture_output=True,
