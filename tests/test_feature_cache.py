@@ -508,6 +508,7 @@ _WRITER = textwrap.dedent(
         FeatureStore(folder).add("k" * 64, digests, rows)
         paths = [str(folder.parent / f"file-{n % 40}") for n in numbers]
         FeatureStore(folder).digests(paths)
+        FeatureStore(folder).prune(current="k" * 64)  # as every run does at its end
     """
 )
 

@@ -15,11 +15,13 @@ Rules:
   with `os.replace`. A run killed at any point leaves the previous index whole; shards that no
   index names are deleted once they are STALE_SECONDS old. Two runs at once each add their
   own shards and merge into the newest index, so neither loses the other's entries.
-- **Read by memory map.** Features are gathered from `np.load(mmap_mode="r")` views, a batch at
-  a time (`StoredFeatures`); the store is never loaded whole.
+- **Read by memory map.** Features are gathered from read-only memory maps of the shards, a
+  batch at a time (`StoredFeatures`), and each map's pages are released after the gather; the
+  store is never loaded whole. Readers take no lock: an index is replaced, never changed.
 - **Checked before use.** Every shard a run reads is checked against the size and SHA-256 its
-  index records, once per run. A damaged shard (truncated, changed, missing) is reported in one
-  warning line, dropped from its index, and its images are computed again.
+  index records, once per run (the shards a run writes are hashed as they are written). A
+  damaged shard (truncated, changed, missing) is reported in one warning line, dropped from
+  its index, and its images are computed again.
 - **Change detection without reading.** A file whose size, modification time, status-change
   time, inode and device are those recorded in the stat index gets its recorded digest without
   being opened. Other files are hashed (SHA-256, in a thread pool). A file changed less than
@@ -115,10 +117,24 @@ def _digest_array(digests: Sequence[bytes]) -> np.ndarray:
 
 def _age(path: Path, now: float) -> float:
     """Seconds since `path` was last modified (0 when it is already gone)."""
+    modified = _mtime(path)
+    return now - modified if modified else 0.0
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time; 0 when it is gone (another run replaced or removed it)."""
     try:
-        return now - path.stat().st_mtime
+        return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def _file_size(path: Path) -> int:
+    """A plain file's size; 0 for anything else, or when it is already gone."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 # --------------------------------------------------------------------------- one model's index
@@ -182,11 +198,14 @@ def read_index(path: Path, key: str) -> ModelIndex:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             digests, shard_of, row_of = data["digests"], data["shard_of"], data["row_of"]
+        if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+            raise _Damaged("written for another format or model")
+        shards = [Shard(**shard) for shard in meta["shards"]]
+        dim = int(meta["dim"])
+    except _Damaged:
+        raise
     except Exception as err:  # zipfile (CRC), numpy, JSON and OS errors: not a usable index
         raise _Damaged(f"unreadable: {type(err).__name__}: {err}") from None
-    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
-        raise _Damaged("written for another format or model")
-    shards = [Shard(**shard) for shard in meta["shards"]]
     n = len(digests)
     if digests.shape != (n, DIGEST_BYTES) or shard_of.shape != (n,) or row_of.shape != (n,):
         raise _Damaged("bad entry arrays")
@@ -195,7 +214,7 @@ def read_index(path: Path, key: str) -> ModelIndex:
     rows = np.array([shard.rows for shard in shards], dtype=np.int64)
     if n and (row_of.min() < 0 or (row_of >= rows[shard_of]).any()):
         raise _Damaged("entries point past the end of their shards")
-    return ModelIndex(key, int(meta["dim"]), shards, digests, shard_of, row_of)
+    return ModelIndex(key, dim, shards, digests, shard_of, row_of)
 
 
 def write_index(path: Path, index: ModelIndex) -> None:
@@ -614,9 +633,11 @@ class FeatureStore:
         for folder in self.folder.glob(f"{MODEL_PREFIX}*"):
             if not folder.is_dir():
                 continue
-            index = folder / INDEX_NAME
-            used = index.stat().st_mtime if index.exists() else 0.0
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            used = _mtime(folder / INDEX_NAME)  # 0 when there is none (yet)
+            try:  # other runs add files meanwhile, and a prune may delete the folder
+                size = sum(_file_size(f) for f in folder.iterdir())
+            except FileNotFoundError:
+                continue
             found.append((folder, used, size))
         return sorted(found, key=lambda item: item[1], reverse=True)
 
@@ -637,8 +658,10 @@ class FeatureStore:
         with self.locked():
             models = self.models()
             models.sort(key=lambda model: model[0] != keep)  # the current one first, then by use
-            total, kept = 0, 0
-            for folder, _, size in models:
+            total, kept, now = 0, 0, time.time()
+            for folder, used, size in models:
+                if not used and _age(folder, now) < STALE_SECONDS:
+                    continue  # another run is adding this model's first shards
                 if folder == keep or (kept < keep_models and total + size <= max_bytes):
                     total += size
                     kept += 1
