@@ -359,6 +359,29 @@ def test_add_appends_shards_and_a_reopened_store_finds_every_row(tmp_path, monke
     assert located.found.tolist() == [False, True, False] and located.missing == [_digest(99)]
 
 
+def test_compact_merges_small_shards_into_full_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "SHARD_ROWS", 4)
+    monkeypatch.setattr(store, "COMPACT_AFTER", 3)
+    key, feature_store = "k" * 64, FeatureStore(tmp_path)
+    feature_store.add(
+        key, [_digest(i) for i in range(4)], np.stack([_features_of(_digest(i)) for i in range(4)])
+    )
+    for run in range(5):  # five runs of two new images each, one repeated
+        digests = [_digest(10 + 2 * run), _digest(11 + 2 * run), _digest(0)]
+        feature_store.add(key, digests, np.stack([_features_of(d) for d in digests]))
+        assert feature_store.compact(key) == (3 if run in (2, 4) else 0)
+    folder = feature_store.model_folder(key)
+    rows = sorted(shard.rows for shard in feature_store.index(key).shards)
+    assert rows == [2, 4, 4, 4]  # the first, then twice 3 small shards merged into 4 + 2 rows
+    assert {p.name for p in _shards(folder)} == {s.name for s in feature_store.index(key).shards}
+    wanted = [_digest(i) for i in (*range(4), *range(10, 20))]
+    located = FeatureStore(tmp_path).lookup(key, wanted)
+    assert located.missing == []
+    np.testing.assert_array_equal(
+        np.asarray(located.features), np.stack([_features_of(d) for d in wanted])
+    )
+
+
 def test_stored_features_index_like_an_array(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "SHARD_ROWS", 3)
     key = "k" * 64

@@ -207,6 +207,7 @@ def cached_features(
         feature_store.folder.mkdir(parents=True, exist_ok=True)
         features, report = _pass(feature_store, key, extractor, paths, image_size, batch_size)
         feature_store.touch(key)
+        feature_store.compact(key)
         feature_store.prune(current=key)
         index = feature_store.index(key)
     except OSError as err:

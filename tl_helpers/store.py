@@ -15,6 +15,9 @@ Rules:
   with `os.replace`. A run killed at any point leaves the previous index whole; shards that no
   index names are deleted once they are STALE_SECONDS old. Two runs at once each add their
   own shards and merge into the newest index, so neither loses the other's entries.
+- **Fixed-size shards.** A pass writes full shards of SHARD_ROWS images as the base runs, and
+  one partly filled shard at its end; once a model has COMPACT_AFTER partly filled shards,
+  `compact` (run after each pass) merges them into full ones.
 - **Read by memory map.** Features are gathered from read-only memory maps of the shards, a
   batch at a time (`StoredFeatures`), and each map's pages are released after the gather; the
   store is never loaded whole. Readers take no lock: an index is replaced, never changed.
@@ -74,6 +77,7 @@ SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".npy"
 TEMP_SUFFIX = ".tmp"
 KEEP_MODELS = 4  # model folders kept, most recently used first
+COMPACT_AFTER = 8  # partly filled shards of a model that make `compact` merge them
 DEFAULT_MAX_BYTES = 20 * 2**30  # the size budget of a store, the model in use excepted
 STALE_SECONDS = 3600  # an unnamed shard or temporary file this old was left by a killed run
 RACY_SECONDS = 2.0  # files changed this recently are hashed but not recorded in the stat index
@@ -619,6 +623,63 @@ class FeatureStore:
             np.concatenate([index.row_of, np.array(row_of, dtype=np.int32)]),
         )
         write_index(self.model_folder(key) / INDEX_NAME, merged)
+
+    def compact(self, key: str) -> int:
+        """Merge a model's partly filled shards into full ones once there are COMPACT_AFTER.
+
+        Runs that add a few images each leave a small shard each; merged, a model has at most
+        COMPACT_AFTER shards that are not full. Rows no entry points to (an image two runs
+        computed at once) are left out. Returns the number of shards merged (0: none).
+        """
+        with self.locked():
+            index = self.index(key)
+            small = [i for i, shard in enumerate(index.shards) if shard.rows < SHARD_ROWS]
+            if len(small) < COMPACT_AFTER:
+                return 0
+            folder = self.model_folder(key)
+            damaged = self._check_shards(index, set(small))
+            if damaged:  # left for the run that reads them to report and rebuild
+                return 0
+            moved = np.flatnonzero(np.isin(index.shard_of, small))
+            rows = StoredFeatures(
+                ShardMaps(folder, [shard.name for shard in index.shards]),
+                index.shard_of[moved],
+                index.row_of[moved],
+                index.dim,
+            )
+            kept = index.without_shards({index.shards[i].name for i in small})
+            written: list[Shard] = []
+            try:
+                for start in range(0, len(moved), SHARD_ROWS):
+                    part = np.arange(start, min(start + SHARD_ROWS, len(moved)))
+                    written.append(self._write_shard(folder, rows.take(part)))
+                    self._verified.add((key, written[-1].name))
+                merged = ModelIndex(
+                    key,
+                    index.dim,
+                    kept.shards + written,
+                    np.concatenate([kept.digests, index.digests[moved]]),
+                    np.concatenate(
+                        [
+                            kept.shard_of,
+                            np.repeat(
+                                np.arange(len(written), dtype=np.int32) + len(kept.shards),
+                                [shard.rows for shard in written],
+                            ),
+                        ]
+                    ),
+                    np.concatenate(
+                        [kept.row_of, np.arange(len(moved), dtype=np.int32) % SHARD_ROWS]
+                    ),
+                )
+                write_index(folder / INDEX_NAME, merged)
+            except BaseException:
+                for shard in written:
+                    (folder / shard.name).unlink(missing_ok=True)
+                raise
+            for i in small:  # readers that mapped them keep their maps
+                (folder / index.shards[i].name).unlink(missing_ok=True)
+            return len(small)
 
     # ------------------------------------------------------------------ housekeeping
 
