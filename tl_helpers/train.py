@@ -165,20 +165,20 @@ def feature_dataset(
     class_ids = np.asarray(class_ids, dtype=np.int32)
     rng = np.random.default_rng(np.random.randint(2**31))
     block = batch_size * max(1, GATHER_ROWS // batch_size)
+    order = np.arange(count)
 
-    def blocks():
-        order = rng.permutation(count) if shuffle else np.arange(count)
-        for start in range(0, count, block):
-            rows = order[start : start + block]
-            yield np.asarray(values[rows], dtype=np.float32), class_ids[rows]
+    def gather(number: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal order
+        if number == 0 and shuffle:  # blocks are read in order: block 0 starts an epoch
+            order = rng.permutation(count)
+        rows = order[number * block : (number + 1) * block]
+        return np.asarray(values[rows], dtype=np.float32), class_ids[rows]
 
-    source = tf.data.Dataset.from_generator(
-        blocks,
-        output_signature=(
-            tf.TensorSpec((None, dim), tf.float32),
-            tf.TensorSpec((None,), tf.int32),
-        ),
-    )
+    def read(number):
+        features, ids = tf.numpy_function(gather, [number], (tf.float32, tf.int32))
+        return tf.ensure_shape(features, (None, dim)), tf.ensure_shape(ids, (None,))
+
+    blocks = tf.data.Dataset.range(math.ceil(count / block)).map(read)
     steps = math.ceil(count / batch_size)
-    batches = source.rebatch(batch_size)
+    batches = blocks.rebatch(batch_size)
     return batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
