@@ -78,7 +78,7 @@ SHARD_SUFFIX = ".npy"
 TEMP_SUFFIX = ".tmp"
 KEEP_MODELS = 4  # model folders kept, most recently used first
 COMPACT_AFTER = 8  # partly filled shards of a model that make `compact` merge them
-DEFAULT_MAX_BYTES = 20 * 2**30  # the size budget of a store, the model in use excepted
+DEFAULT_MAX_BYTES = 20 * 10**9  # a store's size budget (GB: 10**9 bytes), model in use excepted
 STALE_SECONDS = 3600  # an unnamed shard or temporary file this old was left by a killed run
 RACY_SECONDS = 2.0  # files changed this recently are hashed but not recorded in the stat index
 STAT_KEEP_SECONDS = 30 * 86400  # stat-index entries not seen this long are dropped
@@ -842,13 +842,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tl_helpers.store", description=__doc__)
     parser.add_argument("action", choices=["show", "prune"])
     parser.add_argument("folder", type=Path, help="the store folder (feature_cache_dir)")
-    parser.add_argument("--max-gb", type=float, default=DEFAULT_MAX_BYTES / 2**30)
+    parser.add_argument("--max-gb", type=float, default=DEFAULT_MAX_BYTES / 1e9)
     parser.add_argument("--keep-models", type=int, default=KEEP_MODELS)
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         print(f"{args.folder} is not a folder: give the feature_cache_dir of a run.")
         return 2
-    store = FeatureStore(args.folder, int(args.max_gb * 2**30))
+    store = FeatureStore(args.folder, int(args.max_gb * 1e9))
     if args.action == "prune":
         for folder in store.prune(keep_models=args.keep_models):
             print(f"deleted {folder}")

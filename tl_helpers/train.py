@@ -65,7 +65,7 @@ def compute_features(
     batch_size: int = INFERENCE_BATCH_SIZE,
     *,
     cache_dir: str | Path | None = None,
-    cache_max_gb: float = DEFAULT_MAX_BYTES / 2**30,
+    cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
@@ -80,7 +80,7 @@ def compute_features(
         vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
     else:
         vectors, report = cache.cached_features(
-            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 2**30)
+            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 1e9)
         )
     count = len(train)
     features = Features(
