@@ -283,16 +283,17 @@ def test_interrupted_pass_keeps_the_shards_it_added(data, tmp_path, monkeypatch)
     monkeypatch.setattr(store, "SHARD_ROWS", 4)
     extractor = _tiny_extractor()
     paths, cache_dir = _paths(data), tmp_path / "cache"
-    real_batches = dataset.iter_batches
+    real_batches, batches = inference.iter_batches, []
 
     def stopping_at_batch_3(*args):
-        for number, batch in enumerate(real_batches(*args), start=1):
-            if number == 3:
+        for batch in real_batches(*args):
+            batches.append(len(batch))
+            if len(batches) == 3:
                 raise KeyboardInterrupt  # Kernel -> Interrupt during the base's pass
             yield batch
 
     with monkeypatch.context() as patch:
-        patch.setattr(dataset, "iter_batches", stopping_at_batch_3)
+        patch.setattr(inference, "iter_batches", stopping_at_batch_3)
         with pytest.raises(KeyboardInterrupt):
             cache.cached_features(extractor, paths, SIZE, cache_dir, batch_size=4)
     _, report = _run(extractor, paths, cache_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,23 +264,16 @@ def compute_into_store(
     """Run the extractor over `paths`, adding the features to the store a shard at a time.
 
     Memory holds at most one shard's features, and an interrupted pass keeps the shards it
-    added.
+    added. More than one shard's images are run as parts, each with its progress bar.
     """
-    run = inference.keras_runner(extractor, image_size)
-    progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
-    pending: list[np.ndarray] = []
-    done = stored = 0
-    for batch in dataset.iter_batches(paths, image_size, batch_size):
-        pending.append(run(batch))
-        done += len(pending[-1])
-        progress.update(done)
-        if done - stored >= store.SHARD_ROWS or done == len(paths):
-            rows = np.concatenate(pending)
-            end = stored + (store.SHARD_ROWS if done < len(paths) else len(rows))
-            feature_store.add(key, digests[stored:end], rows[: end - stored])
-            pending, stored = [rows[end - stored :]], end
-    if stored < done:
-        feature_store.add(key, digests[stored:done], np.concatenate(pending))
+    parts = math.ceil(len(paths) / store.SHARD_ROWS)
+    for part, start in enumerate(range(0, len(paths), store.SHARD_ROWS), start=1):
+        end = min(start + store.SHARD_ROWS, len(paths))
+        title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
+        features = inference.predict_images(
+            extractor, paths[start:end], image_size, batch_size, title
+        )
+        feature_store.add(key, digests[start:end], features)
 
 
 def uncached_features(
