@@ -345,7 +345,7 @@ def test_notebook_with_quantization_on(tmp_path):
     assert results["quantization"]["models"]["quantized_keras"]["num_images"] == 6
     assert results["configuration"]["quantize"] is True
     chart = tmp_path / "out" / "model" / "figures" / "float_vs_quantized.png"
-    with Image.open(chart) as image:  # the float vs quantized Top-1 chart (issue 5)
+    with Image.open(chart) as image:  # the float vs quantized Top-1 chart
         assert image.width >= 300 and image.height >= 200
 
 

@@ -9,6 +9,7 @@ from conftest import folder_state, make_dataset, tiny_base_model
 
 from tl_helpers import dataset, evaluate, export, model, train
 from tl_helpers.inference import predict_images
+from tl_helpers.store import StoredFeatures
 
 keras = tf.keras
 SIZE = 32
@@ -25,7 +26,8 @@ def trained(tmp_path_factory):
     train.setup_tensorflow(0)
     base = model.load_base_model(None, SIZE, 0.35)
     classifier = model.build_classifier(base, labels, SIZE)
-    features = train.compute_features(classifier, train_set, val_set, SIZE)
+    store = tmp_path_factory.mktemp("feature_store")  # the notebook's path: features in a store
+    features = train.compute_features(classifier, train_set, val_set, SIZE, cache_dir=store)
     history = train.train_head(classifier, features, epochs=30, batch_size=8, learning_rate=0.01)
     weights = [w.copy() for w in classifier.get_weights()]
     yield {
@@ -63,6 +65,7 @@ def _classifier_with_features_of_size(size: int, labels: dict[str, int]) -> kera
 
 def test_features_follow_labels_json_ids(trained):
     f = trained["features"]
+    assert isinstance(f.train, StoredFeatures)  # memory-mapped from the feature store
     assert f.train.shape == (32, 1280)
     assert f.validation.shape == (16, 1280)
     np.testing.assert_array_equal(f.train_ids, trained["train_set"].class_ids)
@@ -77,8 +80,9 @@ def test_history_has_per_epoch_metrics(trained):
 
 
 def test_one_call_per_epoch_trains_the_model_step_by_step_fit_trains(trained):
-    """train_head runs each epoch's steps in one call; the model must be the one plain fit gives
-    (same seed, same batches, dropout included), last partial batch included (30 / 8)."""
+    """train_head runs each epoch's steps in one call; the model must be the one a step-by-step
+    fit on the same batches gives (same seed, dropout included), last partial batch included
+    (30 / 8)."""
     f = trained["features"]
     features = train.Features(f.train[:30], f.train_ids[:30])
     num_classes = trained["classifier"].output_shape[-1]
@@ -97,7 +101,8 @@ def test_one_call_per_epoch_trains_the_model_step_by_step_fit_trains(trained):
                 metrics=["accuracy"],
                 steps_per_execution=steps,
             )
-            history = head.fit(features.train, features.train_ids, 8, 3, verbose=0, shuffle=True)
+            batches = train.feature_dataset(features.train, features.train_ids, 8, shuffle=True)
+            history = head.fit(batches, epochs=3, verbose=0)
             layer = head.get_layer(model.PREDICTIONS_LAYER)
         weights.append(layer.get_weights())
         losses.append(history.history["loss"])
@@ -173,7 +178,7 @@ def test_evaluation_check_catches_features_that_do_not_match(trained, model_dir)
     wrong = train.Features(
         f.train,
         f.train_ids,
-        f.validation[::-1].copy(),
+        np.asarray(f.validation)[::-1].copy(),
         f.validation_ids,
         f.model_key,
         f.validation_paths,

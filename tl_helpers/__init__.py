@@ -29,6 +29,7 @@ _SUBMODULES = (
     "quantize",
     "quantized_evaluation",
     "startup",
+    "store",
     "tflite",
     "train",
 )

@@ -1,22 +1,23 @@
-"""The feature cache: pooled base features kept on disk, so re-runs skip the base for old images.
+"""The feature pass with its cache: pooled base features kept in a feature store, so re-runs
+skip the base for old images.
 
 An entry is keyed by everything that decides a feature, and nothing else:
 
 - the image's content (SHA-256 of the file's bytes, not its path or modification time: an edit
   is seen even when the time is kept, as `rsync -t` or `cp -p` do, and moving a photo to
-  another class folder or copying the dataset elsewhere costs nothing);
+  another class folder or copying the dataset elsewhere costs nothing). The store's stat index
+  remembers each file's digest, so an unchanged file is not read again (tl_helpers.store);
 - the feature extractor (preprocessing + base model after `remove_top_layer_if_needed()` +
   pooling): its architecture with layer names normalised, and every weight array's bytes;
 - `input_tensor_size`, the TensorFlow version, and the image loading code (the source of
-  `dataset.load_images`, `inference.predict_images` and `inference.predict_batches`, plus
-  `PIPELINE_VERSION`).
+  `dataset.load_images`, `inference.keras_runner`, `inference.predict_images` and
+  `inference.predict_batches`, plus `PIPELINE_VERSION`).
 
-The model part of the key names one file, `<cache dir>/features-<key>.npz`, holding the images'
-digests, their float32 features (stored as computed: a cache hit gives the very same numbers)
-and a SHA-256 checksum over both. Each run rewrites the file with exactly its own images (new
-images added, removed ones dropped) through a temporary file and `os.replace`, so an interrupted
-or failed run leaves the previous file whole. A file that fails any check is reported in one
-warning line, ignored and rebuilt. Only the `MAX_FILES` most recently used files are kept.
+The model part of the key names a folder of the store (tl_helpers.store): float32 features
+stored as computed (a cache hit gives the very same numbers), in shards appended
+SHARD_ROWS images at a time while the base runs, so an interrupted first pass keeps what it
+computed. Entries of other datasets and other runs sharing the folder are kept; what is dropped
+and when is the store's rule (least recently used models beyond a size budget).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
-import time
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +33,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import dataset, inference
-from tl_helpers.errors import TLError
+from tl_helpers import dataset, inference, store
+from tl_helpers.store import FeatureStore, StoredFeatures
 
 keras = tf.keras
 
 # Bump when something that changes features, but not the code hashed below, changes.
 PIPELINE_VERSION = 1
-FORMAT_VERSION = 1
-FILE_PREFIX = "features-"
-FILE_SUFFIX = ".npz"
-MAX_FILES = 4  # feature files kept (one per model / input size / pipeline), most recent first
-STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a killed run
-DIGEST_BYTES = 32
-PROGRESS_AFTER_SECONDS = 2.0  # reading the images shows a bar only when it takes longer
+FORMAT_VERSION = 2
+ATTEMPTS = 3  # lookups before giving up on a store that loses entries as fast as they are added
 
 
 @dataclass
@@ -57,9 +51,10 @@ class CacheReport:
     images: int
     from_cache: int
     computed: int
-    path: Path | None = None  # the feature file, None when the cache is off or not written
+    path: Path | None = None  # the model's folder in the store; None when the cache is off
     file_bytes: int = 0
     key: str | None = None  # the extractor's model_key; None when it cannot be described
+    stored_images: int = 0  # images of this model in the store, all datasets together
 
     def summary(self) -> str:
         """One line, e.g. "features: 4,317 images, 4,297 from cache, 20 computed"."""
@@ -69,16 +64,12 @@ class CacheReport:
         )
 
     def size_line(self) -> str:
-        """Where the cache is and how big it is, per image."""
-        per_image = self.file_bytes / max(self.images, 1) / 1024
+        """Where the model's features are and how big they are, per stored image."""
+        per_image = self.file_bytes / max(self.stored_images, 1) / 1024
         return (
-            f"feature cache: {self.path} ({self.file_bytes / 1e6:.1f} MB, "
-            f"{per_image:.1f} KB per image)"
+            f"feature cache: {self.path} ({self.stored_images:,} images, "
+            f"{self.file_bytes / 1e6:.1f} MB, {per_image:.1f} KB per image)"
         )
-
-
-class _Damaged(Exception):
-    """A feature file that must not be used; the message says why."""
 
 
 # --------------------------------------------------------------------------- the keys
@@ -167,160 +158,25 @@ def _is_node_reference(value: list, names: dict[str, str]) -> bool:
     )
 
 
-def _code_digest() -> str:
-    """SHA-256 of the code that turns a file into the extractor's input (changes invalidate)."""
-    digest = hashlib.sha256()
-    for function in (dataset.load_images, inference.predict_images, inference.predict_batches):
-        try:
-            digest.update(inspect.getsource(function).encode())
-        except (OSError, TypeError):  # installed without sources: PIPELINE_VERSION must do
-            digest.update(function.__qualname__.encode())
-    return digest.hexdigest()
-
-
-def image_digests(paths: Sequence[str]) -> list[bytes]:
-    """SHA-256 of each file's bytes (about 0.2 s for 4,300 small JPEGs; a bar if it is slow)."""
-    digests = []
-    start, progress = time.monotonic(), None
-    for done, path in enumerate(paths, start=1):
-        try:
-            with open(path, "rb") as file:
-                digests.append(hashlib.file_digest(file, "sha256").digest())
-        except OSError as err:
-            raise TLError(
-                f"Cannot read {path} ({err.strerror}): it was moved or deleted after the "
-                "dataset was read. Run the dataset cell again."
-            ) from None
-        if progress is None and time.monotonic() - start > PROGRESS_AFTER_SECONDS:
-            print("Reading the images to compare them with the feature cache")
-            progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
-        if progress is not None:
-            progress.update(done)
-    return digests
-
-
-# --------------------------------------------------------------------------- the file
-
-
-def feature_file(cache_dir: str | Path, key: str) -> Path:
-    """The file that holds the features of one model key."""
-    return Path(cache_dir) / f"{FILE_PREFIX}{key[:32]}{FILE_SUFFIX}"
-
-
-def read_features(path: Path, key: str) -> tuple[dict[bytes, int], np.ndarray] | None:
-    """Return ({image digest: row}, features) from a feature file; None when missing or damaged.
-
-    A damaged file (truncated, half-written, wrong checksum, another key) is reported in one
-    warning line and never used.
-    """
-    if not path.exists():
-        return None
-    try:
-        digests, features = _load_checked(path, key)
-    except _Damaged as err:
-        print(f"Warning: feature cache file {path} is damaged ({err}); rebuilding it.")
-        return None
-    rows = {digest.tobytes(): row for row, digest in enumerate(digests)}
-    return rows, features
-
-
-def _load_checked(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load a feature file and check its format, key, shapes and checksum."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta_text = str(data["meta"])
-            digests = data["digests"]
-            features = data["features"]
-            checksum = str(data["checksum"])
-    except Exception as err:  # zipfile, numpy and OS errors all mean: not a usable file
-        raise _Damaged(f"unreadable: {type(err).__name__}: {err}") from None
-    try:
-        meta = json.loads(meta_text)
-    except json.JSONDecodeError:
-        raise _Damaged("unreadable description") from None
-    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
-        raise _Damaged("written for another format or model")
-    if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != DIGEST_BYTES:
-        raise _Damaged("bad image digests")
-    if features.dtype != np.float32 or features.ndim != 2 or len(features) != len(digests):
-        raise _Damaged("bad feature array")
-    if checksum != _checksum(meta_text, digests, features):
-        raise _Damaged("checksum mismatch")
-    return digests, features
-
-
-def _checksum(meta_text: str, digests: np.ndarray, features: np.ndarray) -> str:
-    """SHA-256 over the description, the digests and the features."""
-    digest = hashlib.sha256(meta_text.encode())
-    digest.update(_buffer(digests))
-    digest.update(_buffer(features))  # no copy: features can be tens of MB
-    return digest.hexdigest()
-
-
 def _buffer(array: np.ndarray) -> memoryview:
     """The array's bytes, without copying a C-contiguous array."""
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
-def write_features(path: Path, key: str, digests: Sequence[bytes], features: np.ndarray) -> None:
-    """Write a feature file through a temporary file and os.replace: whole or not at all."""
-    digest_array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    meta_text = json.dumps(
-        {"format": FORMAT_VERSION, "key": key, "images": len(features), "size": features.shape[1]}
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(
-                file,
-                meta=np.array(meta_text),
-                digests=digest_array,
-                features=features,
-                checksum=np.array(_checksum(meta_text, digest_array, features)),
-            )
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the model
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temporaries(cache_dir: Path) -> None:
-    """Delete temporary files left by runs that were killed before they could clean up."""
-    now = time.time()
-    for tmp in cache_dir.glob(f".{FILE_PREFIX}*.tmp"):
+def _code_digest() -> str:
+    """SHA-256 of the code that turns a file into the extractor's input (changes invalidate)."""
+    digest = hashlib.sha256()
+    for function in (
+        dataset.load_images,
+        inference.keras_runner,
+        inference.predict_images,
+        inference.predict_batches,
+    ):
         try:
-            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
-                tmp.unlink()
-        except OSError:
-            pass  # another run removed it, or it is not ours to remove
-
-
-def prune(cache_dir: Path, current: Path, keep: int = MAX_FILES) -> list[Path]:
-    """Delete all but `current` and the `keep` - 1 most recently used feature files."""
-    others = [p for p in cache_dir.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}") if p != current]
-    others.sort(key=_last_used, reverse=True)
-    removed = []
-    for old in others[keep - 1 :]:
-        try:
-            old.unlink()
-            removed.append(old)
-        except OSError:
-            pass
-    return removed
-
-
-def _last_used(path: Path) -> float:
-    """A feature file's modification time (0 when another run just removed it)."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+            digest.update(inspect.getsource(function).encode())
+        except (OSError, TypeError):  # installed without sources: PIPELINE_VERSION must do
+            digest.update(function.__qualname__.encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the pass
@@ -332,8 +188,14 @@ def cached_features(
     image_size: int,
     cache_dir: str | Path,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
-) -> tuple[np.ndarray, CacheReport]:
-    """Features of `paths` (in order): cached ones read, the others computed and stored."""
+    max_bytes: int = store.DEFAULT_MAX_BYTES,
+) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
+    """Features of `paths` (in order): stored ones found, the others computed and stored.
+
+    Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
+    cannot be written (one warning line; the run goes on without the cache). Afterwards the
+    store is pruned to `max_bytes` (see `FeatureStore.prune`).
+    """
     paths = list(paths)
     if not paths:
         raise ValueError("cached_features: no images")
@@ -341,76 +203,77 @@ def cached_features(
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
         return uncached_features(extractor, paths, image_size, batch_size)
-    path = feature_file(cache_dir, key)
-    digests = image_digests(paths)
-    stored = read_features(path, key)
-    rows, old = stored if stored is not None else ({}, None)
-    unique = list(dict.fromkeys(digests))
-    missing = [digest for digest in unique if digest not in rows]
-    from_cache = sum(digest in rows for digest in digests)
-    report = CacheReport(len(paths), from_cache, len(paths) - from_cache, key=key)
-    print(report.summary())
-    new = None
-    if missing:
-        first_path = {}
-        for digest, image in zip(digests, paths, strict=True):
-            first_path.setdefault(digest, image)
-        new = inference.predict_images(
-            extractor, [first_path[d] for d in missing], image_size, batch_size
-        )
-    table = _merge(unique, rows, old, missing, new)
-    if missing or stored is None or len(unique) != len(rows):
-        report.path = _store(path, key, unique, table)
-    else:
-        report.path = _touch(path)
-    if report.path is not None:
-        report.file_bytes = report.path.stat().st_size
-        print(report.size_line())
-    if len(unique) == len(digests):  # no duplicate images: the table is in the paths' order
-        return table, report
-    position = {digest: row for row, digest in enumerate(unique)}
-    return table[[position[digest] for digest in digests]], report
-
-
-def _merge(
-    unique: list[bytes],
-    rows: dict[bytes, int],
-    old: np.ndarray | None,
-    missing: list[bytes],
-    new: np.ndarray | None,
-) -> np.ndarray:
-    """One float32 row per unique digest: from the old file or from the new computation."""
-    if len(missing) == len(unique):  # nothing from the cache: the new rows are the table
-        return np.ascontiguousarray(new, dtype=np.float32)
-    new_rows = {digest: row for row, digest in enumerate(missing)}
-    size = (new if new is not None else old).shape[1]
-    table = np.empty((len(unique), size), dtype=np.float32)
-    cached = [row for row, digest in enumerate(unique) if digest not in new_rows]
-    if cached:
-        table[cached] = old[[rows[unique[row]] for row in cached]]
-    if missing:
-        table[[row for row, digest in enumerate(unique) if digest in new_rows]] = new
-    return table
-
-
-def _store(path: Path, key: str, digests: list[bytes], table: np.ndarray) -> Path | None:
-    """Write the feature file and prune old ones; a failure costs a warning, not the run."""
+    feature_store = FeatureStore(cache_dir, max_bytes)
     try:
-        write_features(path, key, digests, table)
-        prune(path.parent, path)
+        feature_store.folder.mkdir(parents=True, exist_ok=True)
+        features, report = _pass(feature_store, key, extractor, paths, image_size, batch_size)
+        feature_store.touch(key)
+        feature_store.compact(key)
+        feature_store.prune(current=key)
+        index = feature_store.index(key)
     except OSError as err:
-        print(f"Warning: could not write the feature cache {path} ({err}); continuing without it.")
-        return None
-    return path
+        print(
+            f"Warning: could not use the feature cache {cache_dir} ({err}); continuing without it."
+        )
+        return uncached_features(extractor, paths, image_size, batch_size)
+    report.path = feature_store.model_folder(key)
+    report.file_bytes = index.bytes_on_disk()
+    report.stored_images = len(index.digests)
+    print(report.size_line())
+    return features, report
 
 
-def _touch(path: Path) -> Path:
-    """Mark a feature file as just used, so pruning keeps it."""
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-    return path
+def _pass(
+    feature_store: FeatureStore,
+    key: str,
+    extractor: keras.Model,
+    paths: list[str],
+    image_size: int,
+    batch_size: int,
+) -> tuple[StoredFeatures, CacheReport]:
+    """Look the images up, compute and add the missing ones, and look them up again."""
+    digests = feature_store.digests(paths)
+    first_path: dict[bytes, str] = {}
+    for digest, image in zip(digests, paths, strict=True):
+        first_path.setdefault(digest, image)
+    report = None
+    for _ in range(ATTEMPTS):
+        located = feature_store.lookup(key, digests)
+        if report is None:
+            from_cache = int(located.found.sum())
+            report = CacheReport(len(paths), from_cache, len(paths) - from_cache, key=key)
+            print(report.summary())
+        if not located.missing:
+            return located.features, report
+        missing_paths = [first_path[digest] for digest in located.missing]
+        compute_into_store(
+            feature_store, key, extractor, missing_paths, located.missing, image_size, batch_size
+        )
+    raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
+
+
+def compute_into_store(
+    feature_store: FeatureStore,
+    key: str,
+    extractor: keras.Model,
+    paths: list[str],
+    digests: list[bytes],
+    image_size: int,
+    batch_size: int = inference.INFERENCE_BATCH_SIZE,
+) -> None:
+    """Run the extractor over `paths`, adding the features to the store a shard at a time.
+
+    Memory holds at most one shard's features, and an interrupted pass keeps the shards it
+    added. More than one shard's images are run as parts, each with its progress bar.
+    """
+    parts = math.ceil(len(paths) / store.SHARD_ROWS)
+    for part, start in enumerate(range(0, len(paths), store.SHARD_ROWS), start=1):
+        end = min(start + store.SHARD_ROWS, len(paths))
+        title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
+        features = inference.predict_images(
+            extractor, paths[start:end], image_size, batch_size, title
+        )
+        feature_store.add(key, digests[start:end], features)
 
 
 def uncached_features(

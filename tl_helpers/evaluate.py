@@ -14,6 +14,7 @@ from tl_helpers.export import write_json
 from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_images
 from tl_helpers.model import feature_extractor
 from tl_helpers.progress import ticking
+from tl_helpers.store import feature_batches
 from tl_helpers.train import Features
 
 keras = tf.keras
@@ -23,6 +24,7 @@ RESULTS_FILE = "results.json"
 # this many validation images; probabilities may differ by float rounding only.
 CHECK_IMAGES = 32
 CHECK_TOLERANCE = 1e-4
+FEATURE_BATCH_SIZE = 4096  # validation features read from the store per head call
 FULL_PASS = "saved model on every validation image"  # results["evaluation"]["method"]
 
 
@@ -166,7 +168,12 @@ def head_on_features(
         return None, {**fallback, "why": f"the reloaded model cannot be split ({err})"}
     if features.model_key is None or describable_key(extractor, image_size) != features.model_key:
         return None, {**fallback, "why": "its base differs from the one that computed features"}
-    probabilities = head(features.validation, training=False).numpy()
+    probabilities = np.concatenate(
+        [
+            head(batch, training=False).numpy()
+            for batch in feature_batches(features.validation, FEATURE_BATCH_SIZE)
+        ]
+    )
     # Images spread over the whole (class-sorted) list, so every class is likely checked.
     rows = np.unique(np.linspace(0, len(validation) - 1, CHECK_IMAGES).round().astype(int))
     check = len(rows)

@@ -2,7 +2,9 @@
 
 The base is frozen, so its output for an image never changes during training: running it
 once per image and training the softmax head on the pooled features gives the same model as
-running the whole network every epoch, at a fraction of the cost.
+running the whole network every epoch, at a fraction of the cost. The head trains from a
+tf.data pipeline that gathers each batch from the feature store's memory-mapped shards
+(`feature_dataset`), so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -19,19 +21,25 @@ from tl_helpers import cache
 from tl_helpers.dataset import ImageFolder
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
+from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
 
 keras = tf.keras
 
 VALIDATION_BATCH_SIZE = 512
+GATHER_ROWS = 4096  # features read from the store per Python call while training
 
 
 @dataclass
 class Features:
-    """Pooled base features of the training and validation images, with their class ids."""
+    """Pooled base features of the training and validation images, with their class ids.
 
-    train: np.ndarray
+    `train` and `validation` are arrays, or StoredFeatures (rows memory-mapped from the feature
+    store) when the feature cache is on: index them, or use `store.feature_batches`.
+    """
+
+    train: np.ndarray | StoredFeatures
     train_ids: np.ndarray
-    validation: np.ndarray | None = None
+    validation: np.ndarray | StoredFeatures | None = None
     validation_ids: np.ndarray | None = None
     model_key: str | None = None  # cache.model_key of the extractor that computed them
     validation_paths: tuple[str, ...] = ()  # the validation images, in the order of the rows
@@ -57,11 +65,13 @@ def compute_features(
     batch_size: int = INFERENCE_BATCH_SIZE,
     *,
     cache_dir: str | Path | None = None,
+    cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
-    With `cache_dir`, features of unchanged images come from the feature cache there (see
-    tl_helpers.cache) and only new or changed images go through the base; None: no cache.
+    With `cache_dir`, features of unchanged images come from the feature store there (see
+    tl_helpers.cache and tl_helpers.store; `cache_max_gb` is its size budget) and only new or
+    changed images go through the base; None: no cache, the features are held in memory.
     """
     extractor = feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
@@ -69,7 +79,9 @@ def compute_features(
     if cache_dir is None:
         vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
     else:
-        vectors, report = cache.cached_features(extractor, paths, image_size, cache_dir, batch_size)
+        vectors, report = cache.cached_features(
+            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 1e9)
+        )
     count = len(train)
     features = Features(
         vectors[:count], np.asarray(train.class_ids, dtype=np.int32), model_key=report.key
@@ -101,7 +113,7 @@ def train_head(
     verbose: int = 2,
     callbacks: list | None = None,
 ) -> keras.callbacks.History:
-    """Train the softmax head on the cached features and copy it into the classifier."""
+    """Train the softmax head on the stored features and copy it into the classifier."""
     num_classes = classifier.output_shape[-1]
     batch_size = check_batch_size(batch_size, len(features.train))
     head = build_head(features.train.shape[1], num_classes)
@@ -113,21 +125,60 @@ def train_head(
         # whole epoch's steps in one call (same batches, same updates, same model).
         steps_per_execution=math.ceil(len(features.train) / batch_size),
     )
+    training = feature_dataset(features.train, features.train_ids, batch_size, shuffle=True)
     validation_data = None
     if features.validation is not None:
-        validation_data = (features.validation, features.validation_ids)
-    history = head.fit(
-        features.train,
-        features.train_ids,
-        batch_size=batch_size,
-        epochs=epochs,
-        validation_data=validation_data,
         # Validation only measures, so its batch size does not change the model (the metrics
         # are means over images); large batches take fewer steps.
-        validation_batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
-        shuffle=True,
+        validation_data = feature_dataset(
+            features.validation,
+            features.validation_ids,
+            max(batch_size, VALIDATION_BATCH_SIZE),
+            shuffle=False,
+        )
+    history = head.fit(
+        training,
+        epochs=epochs,
+        validation_data=validation_data,
         verbose=verbose,
         callbacks=callbacks,
     )
     set_head_weights(classifier, head)
     return history
+
+
+def feature_dataset(
+    values: np.ndarray | StoredFeatures,
+    class_ids: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+) -> tf.data.Dataset:
+    """A tf.data source of (features, class ids) batches, read from `values` in blocks.
+
+    With `shuffle`, each epoch visits the rows in a new random order, drawn from NumPy's global
+    generator when the dataset is made (seeded by `setup_tensorflow`), so a seeded run repeats.
+    Rows are gathered GATHER_ROWS at a time (whole batches, in the epoch's order) and cut into
+    batches by tf.data: the same batches as gathering each batch alone, without a Python call
+    per batch. Memory holds the order (8 bytes per image) and a few blocks, never all features.
+    """
+    count, dim = len(values), values.shape[1]
+    class_ids = np.asarray(class_ids, dtype=np.int32)
+    rng = np.random.default_rng(np.random.randint(2**31))
+    block = batch_size * max(1, GATHER_ROWS // batch_size)
+    order = np.arange(count)
+
+    def gather(number: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal order
+        if number == 0 and shuffle:  # blocks are read in order: block 0 starts an epoch
+            order = rng.permutation(count)
+        rows = order[number * block : (number + 1) * block]
+        return np.asarray(values[rows], dtype=np.float32), class_ids[rows]
+
+    def read(number):
+        features, ids = tf.numpy_function(gather, [number], (tf.float32, tf.int32))
+        return tf.ensure_shape(features, (None, dim)), tf.ensure_shape(ids, (None,))
+
+    blocks = tf.data.Dataset.range(math.ceil(count / block)).map(read)
+    steps = math.ceil(count / batch_size)
+    batches = blocks.rebatch(batch_size)
+    return batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
