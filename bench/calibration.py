@@ -1,7 +1,7 @@
 """Quantized Top-1 against the number of calibration images (not a test).
 
 For each dataset: train the float classifier once (224 px, MobileNetV2 alpha 0.35, 10 epochs,
-batch 32, seed 0, feature cache in the output folder), then for each calibration seed and size
+batch 32, seed 0, feature cache in --feature-cache), then for each calibration seed and size
 quantize it with MCT (the project's settings), export both files, and measure Top-1 of the
 quantized .keras and int8 .tflite files on every validation image. Times are wall seconds.
 
@@ -40,6 +40,9 @@ def parse_args() -> argparse.Namespace:
         help="MCT's statistics updates in parallel threads (the notebook's way) or one by one",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "calibration")
+    parser.add_argument(
+        "--feature-cache", type=Path, default=ROOT / "bench" / "out" / "calibration" / "cache"
+    )
     return parser.parse_args()
 
 
@@ -76,7 +79,7 @@ def main() -> None:
     rows = []
     for name in args.datasets:
         classifier, labels, train, validation, float_top1 = float_classifier(
-            name, args.epochs, args.out / "feature_cache"
+            name, args.epochs, args.feature_cache
         )
         print(f"{name}: float Top-1 {float_top1:.4f}", flush=True)
         for seed in args.seeds:

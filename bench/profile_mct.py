@@ -27,7 +27,7 @@ def main() -> None:
     import tl_helpers as tl
 
     out = ROOT / "bench" / "out" / "calibration"
-    classifier, _, train, _, _ = float_classifier(args.dataset, 10, out / "feature_cache")
+    classifier, _, train, _, _ = float_classifier(args.dataset, 10, out / "cache")
     paths = tl.calibration.calibration_paths(train, 50, max(1, args.images // 50), 0)
     data = tl.calibration.CalibrationData(paths, 224, 50)
     tl.quantize.mct()  # the import is not what is profiled

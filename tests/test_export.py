@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import pytest
@@ -53,10 +54,10 @@ def test_write_json_interrupted_keeps_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "r" / "results.json"
     export.write_json(target, {"top_1_accuracy": 0.5})
 
-    def broken_dump(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt  # the new content is written, not yet in place
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
     with pytest.raises(KeyboardInterrupt):
         export.write_json(target, {"top_1_accuracy": 0.9})
     assert json.loads(target.read_text()) == {"top_1_accuracy": 0.5}

@@ -135,14 +135,11 @@ def unsupported_layers(model: keras.Model) -> list[str]:
 
 def check_quantizable(model: keras.Model) -> None:
     """Refuse, before any calibration, a model with layers MCT cannot quantize or export."""
-    problems = unsupported_layers(model)
-    if not problems:
-        return
-    listed = "\n".join(f"- {problem}" for problem in problems)
-    raise TLError(
-        f"The model cannot be quantized for the IMX500:\n{listed}\n"
+    _refuse(
+        unsupported_layers(model),
+        "The model cannot be quantized for the IMX500",
         "Rebuild the base model (source_keras_model) from built-in Keras layers, or set "
-        '"quantize": false in configuration.json to skip quantization.'
+        '"quantize": false in configuration.json to skip quantization.',
     )
 
 
@@ -169,15 +166,20 @@ def unconvertible_layers(model: keras.Model) -> list[str]:
 def check_convertible(model: keras.Model) -> None:
     """Refuse, before any calibration, a model the IMX500 converter would refuse."""
     problems = unconvertible_layers(model)
-    if not problems:
-        return
-    listed = "\n".join(f"- {problem}" for problem in problems)
-    raise TLError(
-        f"Sony's IMX500 converter would refuse the model ({len(problems)} layer"
-        f"{'s' if len(problems) > 1 else ''}):\n{listed}\n"
+    _refuse(
+        problems,
+        f"Sony's IMX500 converter would refuse the model ({len(problems)} "
+        f"layer{'s' if len(problems) > 1 else ''})",
         "Change the base model (source_keras_model) or remove_top_layer_if_needed(), or set "
-        '"convert_for_imx500": false in configuration.json to quantize without converting.'
+        '"convert_for_imx500": false in configuration.json to quantize without converting.',
     )
+
+
+def _refuse(problems: list[str], headline: str, fix: str) -> None:
+    """Raise one TLError listing every problem, with what to do; nothing when there is none."""
+    if problems:
+        listed = "\n".join(f"- {problem}" for problem in problems)
+        raise TLError(f"{headline}:\n{listed}\n{fix}")
 
 
 def iter_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
