@@ -66,7 +66,7 @@ def float_classifier(name: str, epochs: int, cache_dir: Path):
     features = tl.train.compute_features(classifier, train, validation, 224, cache_dir=cache_dir)
     tl.train.train_head(classifier, features, epochs, 32, verbose=0)
     head = classifier.get_layer(tl.model.PREDICTIONS_LAYER)
-    predicted = np.asarray(head(features.validation)).argmax(axis=1)
+    predicted = np.asarray(head(np.asarray(features.validation))).argmax(axis=1)
     top1 = float((predicted == features.validation_ids).mean())
     return classifier, labels, train, validation, top1
 
