@@ -38,9 +38,10 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest
 
-## Unit tests only: no notebook kernel, no MCT (see the markers in pyproject.toml).
+## Unit tests only: no notebook kernel, no MCT, no extra TensorFlow processes (see the markers
+## in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not notebook and not mct"
+	$(BIN)/python -m pytest -m "not slow and not notebook and not mct and not distributed"
 
 ## The benchmark (not a test; about 27 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,
