@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, make_dataset, tiny_base_model, write_config
+from conftest import NOTEBOOK, ROOT, make_dataset, tiny_base_model, write_config
 
 from tl_helpers import config, distribute
 from tl_helpers.errors import TLError
@@ -229,3 +229,44 @@ def test_two_workers_share_the_features_train_together_and_only_the_chief_writes
     assert (folder / "out" / "evaluation" / "results.json").is_file()
     assert not Path(other["output_dir"]).exists()
     assert not Path(other["output_dir"]).is_relative_to(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.distributed
+def test_the_notebook_runs_on_two_workers_and_only_the_chief_writes(tmp_path):
+    make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)
+    write_config(tmp_path, epochs=2)
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = [tmp_path / f"worker{index}.log" for index in (0, 1)]
+    processes = []
+    try:
+        for index, log in enumerate(logs):
+            command = [sys.executable, "-m", "tl_helpers.run_notebook", str(NOTEBOOK)]
+            processes.append(
+                subprocess.Popen(
+                    [*command, "--cwd", str(tmp_path)],
+                    cwd=tmp_path,
+                    env={**env, **tf_config(workers, index=index)},
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for process in processes:
+            process.wait(timeout=2 * RUN_TIMEOUT)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    chief, other = (log.read_text() for log in logs)
+    assert [process.returncode for process in processes] == [0, 0], other[-3000:]
+    assert "Top-1 accuracy" in chief.splitlines()[-1]
+    assert "Not the chief" in other.splitlines()[-1]
+    assert str(tmp_path) not in other.split("Saved ")[1].splitlines()[0]  # its model elsewhere
+    # The configured folders hold the chief's outputs only: one model, one results.json.
+    assert (tmp_path / "out" / "model" / "saved_model" / "saved_model.pb").is_file()
+    assert (tmp_path / "out" / "evaluation" / "results.json").is_file()
+    executed = sorted(path.name for path in (tmp_path / "output").iterdir())
+    assert executed == ["image_classification.executed.ipynb"]
