@@ -87,6 +87,14 @@ def test_cpu_alone_gets_the_default_strategy_and_the_cpu_batch_size(monkeypatch)
     assert distribute.choose_distribution(48).backbone_batch_size == 48  # the configuration key
 
 
+def test_backbone_batch_size_follows_the_device_unless_configured():
+    cpu, per_gpu = distribute.CPU_BACKBONE_BATCH_SIZE, distribute.GPU_BACKBONE_BATCH_PER_REPLICA
+    assert distribute.choose_backbone_batch_size(0, num_gpus=0, num_devices=2) == cpu
+    assert distribute.choose_backbone_batch_size(0, num_gpus=1, num_devices=0) == per_gpu
+    assert distribute.choose_backbone_batch_size(0, num_gpus=4, num_devices=4) == 4 * per_gpu
+    assert distribute.choose_backbone_batch_size(32, num_gpus=4, num_devices=4) == 32
+
+
 def test_backbone_batch_size_is_a_checked_configuration_key(tmp_path):
     make_dataset(tmp_path / "data", LABELS, 1, 1)
     assert config.load_configuration(write_config(tmp_path)).backbone_batch_size == 0

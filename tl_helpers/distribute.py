@@ -203,18 +203,25 @@ def choose_distribution(backbone_batch_size: int = 0, devices: Sequence[str] = (
     if _strategy is None:
         _strategy = _new_strategy(cluster, len(gpus), list(devices))
     local = tuple(_local_devices(_strategy))
-    if backbone_batch_size <= 0:
-        per_device = GPU_BACKBONE_BATCH_PER_REPLICA if gpus else CPU_BACKBONE_BATCH_SIZE
-        backbone_batch_size = per_device * max(1, len(local)) if gpus else per_device
     distribution = Distribution(
         strategy=_strategy,
         devices=local if len(local) > 1 else (),
-        backbone_batch_size=int(backbone_batch_size),
+        backbone_batch_size=choose_backbone_batch_size(backbone_batch_size, len(gpus), len(local)),
         num_workers=cluster.num_workers if cluster else 1,
         worker_index=cluster.worker_index if cluster else 0,
     )
     print(f"TensorFlow {tf.__version__}, {len(gpus)} GPU(s); {distribution.describe()}")
     return distribution
+
+
+def choose_backbone_batch_size(configured: int, num_gpus: int, num_devices: int) -> int:
+    """`configured` when above 0; else CPU_BACKBONE_BATCH_SIZE on a machine without GPUs, and
+    GPU_BACKBONE_BATCH_PER_REPLICA per device (at least one) on a machine with GPUs."""
+    if configured > 0:
+        return int(configured)
+    if num_gpus == 0:
+        return CPU_BACKBONE_BATCH_SIZE
+    return GPU_BACKBONE_BATCH_PER_REPLICA * max(1, num_devices)
 
 
 def _new_strategy(cluster: Cluster | None, num_gpus: int, devices: list[str]) -> Any:
