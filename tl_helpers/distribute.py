@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # Images per backbone batch. CPU: small batches keep MobileNet's activations in cache (see
-# inference.INFERENCE_BATCH_SIZE, measured on 2 cores). GPU: per replica, large enough to keep a
-# GPU busy with the small default base, small enough for any current GPU's memory at 224 px.
+# inference.INFERENCE_BATCH_SIZE, measured on 2 cores). GPU, per device: a common choice for a
+# MobileNet-sized base at 224 px (not measured here: the development machine has no GPU);
+# the configuration key backbone_batch_size overrides both.
 CPU_BACKBONE_BATCH_SIZE = 16
 GPU_BACKBONE_BATCH_PER_REPLICA = 64
 WORKER_TASK_TYPES = ("chief", "worker")
@@ -77,7 +78,7 @@ class Distribution:
 
     @property
     def is_chief(self) -> bool:
-        """The worker that writes the model and results (the only one without a cluster)."""
+        """Whether this is the worker that writes the model and results (a process alone is)."""
         return self.worker_index == 0
 
     @property
