@@ -133,7 +133,7 @@ def folder(tmp_path_factory) -> Path:
     """A tiny dataset and configuration (3 classes, 8 training and 4 validation images each)."""
     root = tmp_path_factory.mktemp("distributed")
     make_dataset(root / "data", LABELS, train_per_class=8, val_per_class=4)
-    write_config(root, epochs=20, learning_rate=0.05, batch_size=8)
+    write_config(root, epochs=8, learning_rate=0.1, batch_size=8)
     return root
 
 
