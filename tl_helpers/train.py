@@ -213,8 +213,8 @@ def feature_dataset(
 
     With `shuffle`, each epoch visits the rows in a new random order, drawn from `seed`, or by
     default from NumPy's global generator when the dataset is made (seeded by
-    `setup_tensorflow`), so a seeded run repeats. Under a multi-worker strategy each worker
-    keeps every n-th batch (data sharding: the source is not files).
+    `setup_tensorflow`), so a seeded run repeats. Under a multi-worker strategy every worker
+    makes the same batches and takes its part of each (data sharding: the source is no files).
     Rows are gathered GATHER_ROWS at a time (whole batches, in the epoch's order) and cut into
     batches by tf.data: the same batches as gathering each batch alone, without a Python call
     per batch. Memory holds the order (8 bytes per image) and a few blocks, never all features.
