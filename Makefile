@@ -2,7 +2,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# GPU=1 (e.g. make venv GPU=1): TensorFlow with its CUDA libraries, from requirements-gpu.txt.
+REQUIREMENTS := requirements$(if $(GPU),-gpu).txt
+STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 # Sony's IMX500 converter cannot share .venv with MCT 2.6.1: it gets a virtual environment of its own.
 IMX_VENV := .venv-imx500
 IMX_STAMP := $(IMX_VENV)/.installed
@@ -10,13 +12,13 @@ IMX_STAMP := $(IMX_VENV)/.installed
 .PHONY: venv run test test-fast lint format lab bench bench-scale clean
 
 # (Re)install only when the virtual environment is missing or older than the requirements.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), \
 		"Python 3.11 is required (TensorFlow 2.15 + MCT 2.6.1); got " + sys.version' \
 		|| { echo "Recreate with: make clean && make PYTHON=python3.11 ..."; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	$(BIN)/python -m pip install --quiet -r $(REQUIREMENTS) -e .
 	@touch $(STAMP)
 
 $(IMX_STAMP): requirements-imx500.txt
@@ -38,9 +40,10 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest
 
-## Unit tests only: no notebook kernel, no MCT (see the markers in pyproject.toml).
+## Unit tests only: no notebook kernel, no MCT, no extra TensorFlow processes (see the markers
+## in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not notebook and not mct"
+	$(BIN)/python -m pytest -m "not slow and not notebook and not mct and not distributed"
 
 ## The benchmark (not a test; about 27 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,

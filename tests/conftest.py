@@ -92,7 +92,8 @@ def write_config(directory: Path, **values) -> Path:
     return path
 
 
-# The two test tiers: `make test-fast` runs `-m "not slow and not notebook and not mct"`.
+# The two test tiers: `make test-fast` runs
+# `-m "not slow and not notebook and not mct and not distributed"`.
 NOTEBOOK_FIXTURES = {"tiny_notebook_run"}
 MCT_TEST_FILES = {"test_quantize.py"}  # every test there runs MCT quantization
 

@@ -19,6 +19,7 @@ _SUBMODULES = (
     "config",
     "convert",
     "dataset",
+    "distribute",
     "errors",
     "evaluate",
     "export",

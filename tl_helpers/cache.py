@@ -189,12 +189,14 @@ def cached_features(
     cache_dir: str | Path,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     max_bytes: int = store.DEFAULT_MAX_BYTES,
+    devices: Sequence[str] = (),
 ) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
     """Features of `paths` (in order): stored ones found, the others computed and stored.
 
     Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
     cannot be written (one warning line; the run goes on without the cache). Afterwards the
-    store is pruned to `max_bytes` (see `FeatureStore.prune`).
+    store is pruned to `max_bytes` (see `FeatureStore.prune`). `devices`: see
+    `inference.predict_images`.
     """
     paths = list(paths)
     if not paths:
@@ -202,11 +204,13 @@ def cached_features(
     key = describable_key(extractor, image_size)
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
-        return uncached_features(extractor, paths, image_size, batch_size)
+        return uncached_features(extractor, paths, image_size, batch_size, devices)
     feature_store = FeatureStore(cache_dir, max_bytes)
     try:
         feature_store.folder.mkdir(parents=True, exist_ok=True)
-        features, report = _pass(feature_store, key, extractor, paths, image_size, batch_size)
+        features, report = _pass(
+            feature_store, key, extractor, paths, image_size, batch_size, devices
+        )
         feature_store.touch(key)
         feature_store.compact(key)
         feature_store.prune(current=key)
@@ -215,7 +219,7 @@ def cached_features(
         print(
             f"Warning: could not use the feature cache {cache_dir} ({err}); continuing without it."
         )
-        return uncached_features(extractor, paths, image_size, batch_size)
+        return uncached_features(extractor, paths, image_size, batch_size, devices)
     report.path = feature_store.model_folder(key)
     report.file_bytes = index.bytes_on_disk()
     report.stored_images = len(index.digests)
@@ -230,6 +234,7 @@ def _pass(
     paths: list[str],
     image_size: int,
     batch_size: int,
+    devices: Sequence[str] = (),
 ) -> tuple[StoredFeatures, CacheReport]:
     """Look the images up, compute and add the missing ones, and look them up again."""
     digests = feature_store.digests(paths)
@@ -247,7 +252,14 @@ def _pass(
             return located.features, report
         missing_paths = [first_path[digest] for digest in located.missing]
         compute_into_store(
-            feature_store, key, extractor, missing_paths, located.missing, image_size, batch_size
+            feature_store,
+            key,
+            extractor,
+            missing_paths,
+            located.missing,
+            image_size,
+            batch_size,
+            devices,
         )
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
 
@@ -260,6 +272,7 @@ def compute_into_store(
     digests: list[bytes],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
+    devices: Sequence[str] = (),
 ) -> None:
     """Run the extractor over `paths`, adding the features to the store a shard at a time.
 
@@ -271,7 +284,7 @@ def compute_into_store(
         end = min(start + store.SHARD_ROWS, len(paths))
         title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
         features = inference.predict_images(
-            extractor, paths[start:end], image_size, batch_size, title
+            extractor, paths[start:end], image_size, batch_size, title, devices
         )
         feature_store.add(key, digests[start:end], features)
 
@@ -281,10 +294,11 @@ def uncached_features(
     paths: Sequence[str],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
+    devices: Sequence[str] = (),
 ) -> tuple[np.ndarray, CacheReport]:
     """Compute every image's features, without the cache (the opt-out)."""
     paths = list(paths)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
     print(f"features: {len(paths):,} images, {len(paths):,} computed (feature cache off)")
-    features = inference.predict_images(extractor, paths, image_size, batch_size)
+    features = inference.predict_images(extractor, paths, image_size, batch_size, devices=devices)
     return features, report

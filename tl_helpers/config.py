@@ -109,6 +109,7 @@ class Config:
     feature_cache: bool = _default("feature_cache")
     feature_cache_dir: Path | str = _default("feature_cache_dir")
     feature_cache_max_gb: float = _default("feature_cache_max_gb")
+    backbone_batch_size: int = _default("backbone_batch_size")
     evaluate_from_features: bool = _default("evaluate_from_features")
     quantize: bool = _default("quantize")
     calibration_batch_size: int = _default("calibration_batch_size")

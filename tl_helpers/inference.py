@@ -24,19 +24,41 @@ def predict_images(
     image_size: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
+    devices: Sequence[str] = (),
 ) -> np.ndarray:
     """Run `model` on every image in `paths`, in order, batched; show a progress bar.
 
-    A file that cannot be decoded stops the pass with a TLError naming it.
+    With several `devices` (a Distribution's, see tl_helpers.distribute), each batch is split
+    between them. A file that cannot be decoded stops the pass with a TLError naming it.
     """
-    return predict_batches(keras_runner(model, image_size), paths, image_size, batch_size, title)
+    run = keras_runner(model, image_size, devices)
+    return predict_batches(run, paths, image_size, batch_size, title)
 
 
-def keras_runner(model: keras.Model, image_size: int) -> Callable[[tf.Tensor], np.ndarray]:
-    """A batch of raw-pixel images -> `model`'s outputs (inference mode, traced once)."""
+def keras_runner(
+    model: keras.Model, image_size: int, devices: Sequence[str] = ()
+) -> Callable[[tf.Tensor], np.ndarray]:
+    """A batch of raw-pixel images -> `model`'s outputs (inference mode, traced once).
+
+    With two or more `devices`, the batch is cut into one consecutive slice per device, each
+    slice runs on its device, and the outputs are joined in order: data parallel inference
+    that needs no collective (workers of a cluster run different images at different paces).
+    """
+    devices = list(devices)
+
+    def call(images: tf.Tensor) -> tf.Tensor:
+        if len(devices) < 2:
+            return model(images, training=False)
+        per_device = (tf.shape(images)[0] + len(devices) - 1) // len(devices)
+        outputs = []
+        for number, device in enumerate(devices):
+            with tf.device(device):
+                part = images[number * per_device : (number + 1) * per_device]
+                outputs.append(model(part, training=False))
+        return tf.concat(outputs, axis=0)
+
     run = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+        call, input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
     )
     return lambda batch: run(batch).numpy()
 

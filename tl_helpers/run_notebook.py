@@ -4,6 +4,9 @@
 
 The notebook runs in DIR (default: the notebook's folder), which must hold configuration.json.
 Exit status 0 when every cell ran; 1 when a cell failed (its error is printed).
+With TF_CONFIG set, start it on every machine of the cluster (docs/distributed.md): a worker
+that is not the chief writes its executed copy to a temporary folder unless --output is given,
+and reports no Top-1 (the chief writes the results).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tl_helpers.config import import_jsonschema
+from tl_helpers.distribute import is_chief
 
 import_jsonschema()  # before nbformat imports it: seconds faster (see import_jsonschema)
 
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="where to write the executed notebook")
     parser.add_argument("--cwd", help="execution directory (holds configuration.json)")
     args = parser.parse_args(argv)
-    output = args.output or Path("output") / f"{Path(args.notebook).stem}.executed.ipynb"
+    output = args.output or default_output(args.notebook)
     try:
         run_notebook(args.notebook, output, args.cwd)
     except CellExecutionError as err:
@@ -108,10 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Executed notebook (up to the failing cell): {output}", file=sys.stderr)
         return 1
     print(f"\nExecuted notebook: {output}")
+    if not is_chief():
+        print("Not the chief of the TF_CONFIG cluster: the chief writes the model and results.")
+        return 0
     summary = top1_summary(Path(args.cwd or Path(args.notebook).resolve().parent))
     if summary:
         print(summary)
     return 0
+
+
+def default_output(notebook: str) -> Path:
+    """output/NAME.executed.ipynb; a temporary folder on a worker that is not the chief."""
+    name = f"{Path(notebook).stem}.executed.ipynb"
+    if is_chief():
+        return Path("output") / name
+    return Path(tempfile.mkdtemp(prefix="tl-worker-notebook-")) / name
 
 
 def top1_summary(cwd: Path) -> str | None:

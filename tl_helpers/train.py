@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tl_helpers import cache
 from tl_helpers.dataset import ImageFolder
+from tl_helpers.distribute import Distribution
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
 from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
@@ -62,25 +63,37 @@ def compute_features(
     train: ImageFolder,
     validation: ImageFolder | None,
     image_size: int,
-    batch_size: int = INFERENCE_BATCH_SIZE,
+    batch_size: int | None = None,
     *,
     cache_dir: str | Path | None = None,
     cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
+    distribution: Distribution | None = None,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
     With `cache_dir`, features of unchanged images come from the feature store there (see
     tl_helpers.cache and tl_helpers.store; `cache_max_gb` is its size budget) and only new or
     changed images go through the base; None: no cache, the features are held in memory.
+    `distribution` (tl_helpers.distribute) gives the devices the base runs on and, when
+    `batch_size` is None, its batch size; with several workers and a store, each worker first
+    computes its share into the store and waits for the others (`compute_share`).
     """
     extractor = feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
     paths = list(train.paths) + (list(validation.paths) if has_validation else [])
+    devices = distribution.devices if distribution else ()
+    if batch_size is None:
+        batch_size = distribution.backbone_batch_size if distribution else INFERENCE_BATCH_SIZE
+    max_bytes = int(cache_max_gb * 1e9)
     if cache_dir is None:
-        vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
+        vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size, devices)
     else:
+        if distribution is not None and distribution.num_workers > 1:
+            compute_share(
+                extractor, paths, image_size, cache_dir, batch_size, max_bytes, distribution
+            )
         vectors, report = cache.cached_features(
-            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 1e9)
+            extractor, paths, image_size, cache_dir, batch_size, max_bytes, devices
         )
     count = len(train)
     features = Features(
@@ -91,6 +104,34 @@ def compute_features(
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
         features.validation_paths = tuple(map(str, validation.paths))
     return features
+
+
+def compute_share(
+    extractor: keras.Model,
+    paths: list[str],
+    image_size: int,
+    cache_dir: str | Path,
+    batch_size: int,
+    max_bytes: int,
+    distribution: Distribution,
+) -> None:
+    """Compute this worker's share of the images into the shared store, then wait for all.
+
+    Worker k of n takes images k, k + n, k + 2n, ...; once every worker has passed the barrier,
+    every share is in the store. A store a worker cannot see (not a shared folder) costs time,
+    not correctness: the lookup that follows computes what it lacks.
+    """
+    share = distribution.share(paths)
+    print(
+        f"Worker {distribution.worker_index} of {distribution.num_workers}: "
+        f"its share, {len(share):,} of {len(paths):,} images"
+    )
+    if share:
+        cache.cached_features(
+            extractor, share, image_size, cache_dir, batch_size, max_bytes, distribution.devices
+        )
+    print("Waiting for the other workers' shares ...")
+    distribution.barrier()
 
 
 def check_batch_size(batch_size: int, num_images: int) -> int:
@@ -112,20 +153,34 @@ def train_head(
     learning_rate: float = 0.001,
     verbose: int = 2,
     callbacks: list | None = None,
+    distribution: Distribution | None = None,
 ) -> keras.callbacks.History:
-    """Train the softmax head on the stored features and copy it into the classifier."""
+    """Train the softmax head on the stored features and copy it into the classifier.
+
+    With a `distribution`, the head is built and compiled in its strategy's scope, so Keras
+    splits each batch of `batch_size` (all replicas together) between the replicas and keeps
+    their weights in step; with several workers, every worker must call this together.
+    """
     num_classes = classifier.output_shape[-1]
     batch_size = check_batch_size(batch_size, len(features.train))
-    head = build_head(features.train.shape[1], num_classes)
-    head.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        # A head step takes microseconds, so Keras's per-step Python overhead dominated: run a
-        # whole epoch's steps in one call (same batches, same updates, same model).
-        steps_per_execution=math.ceil(len(features.train) / batch_size),
+    strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
+    with strategy.scope():
+        head = build_head(features.train.shape[1], num_classes)
+        head.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            # A head step takes microseconds, so Keras's per-step Python overhead dominated: run
+            # a whole epoch's steps in one call (same batches, same updates, same model).
+            steps_per_execution=math.ceil(len(features.train) / batch_size),
+        )
+    # Workers shard the batches of one dataset, so they must shuffle alike: the chief's seed.
+    seed = np.random.randint(2**31)
+    if distribution is not None:
+        seed = distribution.same_on_all_workers(seed)
+    training = feature_dataset(
+        features.train, features.train_ids, batch_size, shuffle=True, seed=seed
     )
-    training = feature_dataset(features.train, features.train_ids, batch_size, shuffle=True)
     validation_data = None
     if features.validation is not None:
         # Validation only measures, so its batch size does not change the model (the metrics
@@ -152,18 +207,21 @@ def feature_dataset(
     class_ids: np.ndarray,
     batch_size: int,
     shuffle: bool,
+    seed: int | None = None,
 ) -> tf.data.Dataset:
     """A tf.data source of (features, class ids) batches, read from `values` in blocks.
 
-    With `shuffle`, each epoch visits the rows in a new random order, drawn from NumPy's global
-    generator when the dataset is made (seeded by `setup_tensorflow`), so a seeded run repeats.
+    With `shuffle`, each epoch visits the rows in a new random order, drawn from `seed`, or by
+    default from NumPy's global generator when the dataset is made (seeded by
+    `setup_tensorflow`), so a seeded run repeats. Under a multi-worker strategy every worker
+    makes the same batches and takes its part of each (data sharding: the source is no files).
     Rows are gathered GATHER_ROWS at a time (whole batches, in the epoch's order) and cut into
     batches by tf.data: the same batches as gathering each batch alone, without a Python call
     per batch. Memory holds the order (8 bytes per image) and a few blocks, never all features.
     """
     count, dim = len(values), values.shape[1]
     class_ids = np.asarray(class_ids, dtype=np.int32)
-    rng = np.random.default_rng(np.random.randint(2**31))
+    rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
     block = batch_size * max(1, GATHER_ROWS // batch_size)
     order = np.arange(count)
 
@@ -181,4 +239,7 @@ def feature_dataset(
     blocks = tf.data.Dataset.range(math.ceil(count / block)).map(read)
     steps = math.ceil(count / batch_size)
     batches = blocks.rebatch(batch_size)
-    return batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches = batches.apply(tf.data.experimental.assert_cardinality(steps)).with_options(options)
+    return batches.prefetch(2)
