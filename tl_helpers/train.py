@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,26 +67,44 @@ def compute_features(
     *,
     cache_dir: str | Path | None = None,
     cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
+    views: Sequence[str] = (),
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
     With `cache_dir`, features of unchanged images come from the feature store there (see
     tl_helpers.cache and tl_helpers.store; `cache_max_gb` is its size budget) and only new or
     changed images go through the base; None: no cache, the features are held in memory.
+
+    `views` names augmented views (tl_helpers.augment): the training rows are every training
+    image as it is, then every training image in each view, in that order; validation images
+    are only ever used as they are.
     """
     extractor = feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
-    paths = list(train.paths) + (list(validation.paths) if has_validation else [])
+    train_paths = list(train.paths) * (1 + len(views))
+    train_views = [view for view in ("", *views) for _ in train.paths]
+    validation_paths = list(validation.paths) if has_validation else []
+    paths = train_paths + validation_paths
+    row_views = train_views + [""] * len(validation_paths)
+    if views:
+        print(f"training views: as is, {', '.join(views)} ({len(train_paths):,} training rows)")
     if cache_dir is None:
-        vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size)
+        vectors, report = cache.uncached_features(
+            extractor, paths, image_size, batch_size, row_views
+        )
     else:
         vectors, report = cache.cached_features(
-            extractor, paths, image_size, cache_dir, batch_size, max_bytes=int(cache_max_gb * 1e9)
+            extractor,
+            paths,
+            image_size,
+            cache_dir,
+            batch_size,
+            max_bytes=int(cache_max_gb * 1e9),
+            views=row_views,
         )
-    count = len(train)
-    features = Features(
-        vectors[:count], np.asarray(train.class_ids, dtype=np.int32), model_key=report.key
-    )
+    count = len(train_paths)
+    train_ids = np.tile(np.asarray(train.class_ids, dtype=np.int32), 1 + len(views))
+    features = Features(vectors[:count], train_ids, model_key=report.key)
     if has_validation:
         features.validation = vectors[count:]
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
