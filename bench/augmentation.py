@@ -73,8 +73,9 @@ def timed_passes(classifier, train, validation, settings, cache_dir: Path) -> di
             if view in seconds:
                 continue
             start = time.perf_counter()
+            views = (*done, view) if view else ()
             tl.train.compute_features(
-                classifier, train, validation, 224, cache_dir=cache_dir, views=(*done, view)
+                classifier, train, validation, 224, cache_dir=cache_dir, views=views
             )
             seconds[view] = time.perf_counter() - start
             if view:

@@ -3,6 +3,7 @@ look at the validation images."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,23 @@ def test_the_validation_images_choose_nothing_in_training(data, tmp_path):
         heads.append(classifier.layers[-1].get_weights())
     for with_validation, without in zip(*heads, strict=True):
         np.testing.assert_array_equal(with_validation, without)
+
+
+def test_augmentation_key_is_checked_and_names_the_view_sets(tmp_path):
+    from conftest import write_config
+
+    from tl_helpers.config import load_configuration
+    from tl_helpers.errors import TLError
+
+    make_dataset(tmp_path / "data", LABELS, train_per_class=2, val_per_class=1)
+    cfg = load_configuration(write_config(tmp_path))
+    assert augment.views_of(cfg.augmentation) == ()  # the default
+    cfg = load_configuration(write_config(tmp_path, augmentation="mirror_crop"))
+    assert augment.views_of(cfg.augmentation) == ("mirror", "crop")
+    with pytest.raises(TLError, match="augmentation") as error:
+        load_configuration(write_config(tmp_path, augmentation="Mirror"))
+    assert '"mirror"' in str(error.value)
+    schema = json.loads((Path(augment.__file__).parent / "configuration_schema.json").read_text())
+    assert schema["properties"]["augmentation"]["enum"] == list(augment.VIEW_SETS)
+    for name in augment.VIEW_SETS:
+        assert set(augment.views_of(name)) <= set(augment.VIEWS)
