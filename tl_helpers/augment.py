@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -103,6 +103,13 @@ def view_description(view: str) -> str:
 
 def view_digest(digest: bytes, view: str) -> bytes:
     """The store key of an image's view: the image digest itself for "" (the image as is)."""
-    if not view:
-        return digest
-    return hashlib.sha256(b"view\0" + digest + view_description(view).encode()).digest()
+    return view_digests([digest], [view])[0]
+
+
+def view_digests(digests: Sequence[bytes], views: Sequence[str]) -> list[bytes]:
+    """`view_digest` of each (digest, view) pair, each distinct view described once."""
+    descriptions = {view: view_description(view).encode() for view in set(views) if view}
+    return [
+        hashlib.sha256(b"view\0" + digest + descriptions[view]).digest() if view else digest
+        for digest, view in zip(digests, views, strict=True)
+    ]

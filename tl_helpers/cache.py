@@ -248,7 +248,7 @@ def _pass(
     """Look the images up, compute and add the missing ones, and look them up again."""
     unique_paths = list(dict.fromkeys(paths))  # a path given once per view is read once
     file_digest = dict(zip(unique_paths, feature_store.digests(unique_paths), strict=True))
-    digests = [augment.view_digest(file_digest[p], v) for p, v in zip(paths, views, strict=True)]
+    digests = augment.view_digests([file_digest[path] for path in paths], views)
     first_path: dict[bytes, tuple[str, str]] = {}
     for digest, image, view in zip(digests, paths, views, strict=True):
         first_path.setdefault(digest, (image, view))
