@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "augmentation")
+    parser.add_argument(
+        "--json-name", default="augmentation.json", help="file name of the rows, under OUT"
+    )
     return parser.parse_args()
 
 
@@ -198,7 +201,7 @@ def main() -> None:
         "arguments": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
     }
-    (args.out / "augmentation.json").write_text(json.dumps(result, indent=2))
+    (args.out / args.json_name).write_text(json.dumps(result, indent=2))
     print(table(rows))
 
 
