@@ -174,3 +174,39 @@ def tiny_classifier_with_top(input_size: int = 32, classes: int = 3):
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(classes, activation="softmax")(x)
     return keras.Model(base.input, outputs, name="tiny_with_top")
+
+
+# Four flat quadrants of distinct colours: each of the 8 EXIF orientations gives another image.
+QUADRANT_COLOURS = ((220, 30, 30), (30, 200, 30), (30, 30, 220), (240, 240, 240))
+
+# What a viewer does to the stored pixels for each EXIF orientation (the EXIF/TIFF standard):
+# 2 mirror, 3 rotate 180, 4 flip top to bottom, 5 transpose, 6 rotate 90 clockwise,
+# 7 transverse (the other diagonal), 8 rotate 90 counter-clockwise.
+EXIF_UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a.transpose(1, 0, 2), 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def quadrant_pixels(width: int = 32, height: int = 32) -> np.ndarray:
+    """An asymmetric uint8 image: four flat quadrants (red, green / blue, white)."""
+    pixels = np.empty((height, width, 3), np.uint8)
+    top, left = height // 2, width // 2
+    pixels[:top, :left], pixels[:top, left:] = QUADRANT_COLOURS[0], QUADRANT_COLOURS[1]
+    pixels[top:, :left], pixels[top:, left:] = QUADRANT_COLOURS[2], QUADRANT_COLOURS[3]
+    return pixels
+
+
+def write_oriented_jpeg(path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    """Save `pixels` as stored data of a JPEG whose EXIF Orientation tag is `orientation`."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, subsampling=0, exif=exif)
+    return path

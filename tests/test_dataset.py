@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from conftest import EXIF_UPRIGHT, quadrant_pixels, write_oriented_jpeg
+from PIL import Image, ImageOps
 
+from tl_helpers import dataset
 from tl_helpers.dataset import (
     bad_image_error,
+    exif_orientation,
     find_bad_images,
     iter_batches,
     load_images,
@@ -459,3 +462,33 @@ def test_samples_clothing5(capsys):
         with Image.open(path) as image:
             assert max(image.size) == 224 and image.mode == "RGB"
             assert not image.getexif()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_images_the_right_way_up(tmp_path, orientation):
+    stored = quadrant_pixels(32, 32)
+    path = write_oriented_jpeg(tmp_path / f"o{orientation}.jpg", stored, orientation)
+    assert exif_orientation(str(path)) == orientation
+    (batch,) = list(load_images([str(path)], image_size=32, batch_size=1))
+    expected = EXIF_UPRIGHT[orientation](stored).astype(np.float32)
+    np.testing.assert_allclose(batch.numpy()[0], expected, atol=12)
+    with Image.open(path) as image:  # Pillow, turned as a photo viewer shows it, agrees
+        shown = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.float32)
+    np.testing.assert_allclose(batch.numpy()[0], shown, atol=12)
+
+
+def test_exif_rotation_of_a_portrait_photo_swaps_its_sides(tmp_path):
+    stored = quadrant_pixels(48, 16)  # stored landscape, shown portrait (orientation 6)
+    path = write_oriented_jpeg(tmp_path / "portrait.jpg", stored, 6)
+    upright_image = dataset.upright(tf.io.decode_jpeg(tf.io.read_file(str(path))), tf.constant(6))
+    assert upright_image.shape == (48, 16, 3)
+    np.testing.assert_allclose(upright_image.numpy(), np.rot90(stored, -1), atol=12)
+
+
+def test_exif_orientation_of_files_without_one(tmp_path):
+    plain = write_jpeg(tmp_path / "plain.jpg")
+    assert exif_orientation(str(plain)) == 1
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
+    assert exif_orientation(str(junk)) == 1  # the decoder names it later
+    assert exif_orientation(str(tmp_path / "gone.jpg")) == 1

@@ -14,7 +14,14 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from conftest import COLOURS, make_dataset, tiny_base_model
+from conftest import (
+    COLOURS,
+    EXIF_UPRIGHT,
+    make_dataset,
+    quadrant_pixels,
+    tiny_base_model,
+    write_oriented_jpeg,
+)
 from matplotlib.artist import Artist
 from PIL import Image
 
@@ -416,3 +423,14 @@ def test_headless_notebook_run_produces_every_figure(tiny_notebook_run):
     results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
     assert {"top_1_accuracy", "per_class", "confusion_matrix", "misclassified"} <= set(results)
     assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_photo_grids_show_exif_rotated_photos_the_right_way_up(tmp_path, orientation):
+    stored = quadrant_pixels(48, 32)
+    path = write_oriented_jpeg(tmp_path / "photo.jpg", stored, orientation)
+    shown = EXIF_UPRIGHT[orientation](stored)
+    height, width = shown.shape[:2]
+    canvas = np.full((height + 20, width + 20, 3), 255, np.uint8)
+    assert plots._paste_image(canvas, str(path), (0, 0, width + 20, height + 20), 10) == []
+    np.testing.assert_allclose(canvas[10 : 10 + height, 10 : 10 + width], shown, atol=12)

@@ -13,6 +13,10 @@ An entry is keyed by everything that decides a feature, and nothing else:
   `dataset.load_images`, `inference.keras_runner`, `inference.predict_images` and
   `inference.predict_batches`, plus `PIPELINE_VERSION`).
 
+An augmented view of an image (tl_helpers.augment) is an entry of the same model, keyed by
+`augment.view_digest(image digest, view)`: views are computed once, like the images, and a
+changed view is computed again without touching the others.
+
 The model part of the key names a folder of the store (tl_helpers.store): float32 features
 stored as computed (a cache hit gives the very same numbers), in shards appended
 SHARD_ROWS images at a time while the base runs, so an interrupted first pass keeps what it
@@ -33,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import dataset, inference, store
+from tl_helpers import augment, dataset, inference, store
 from tl_helpers.store import FeatureStore, StoredFeatures
 
 keras = tf.keras
 
 # Bump when something that changes features, but not the code hashed below, changes.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: images turned upright by their EXIF orientation
 FORMAT_VERSION = 2
 ATTEMPTS = 3  # lookups before giving up on a store that loses entries as fast as they are added
 
@@ -168,6 +172,8 @@ def _code_digest() -> str:
     digest = hashlib.sha256()
     for function in (
         dataset.load_images,
+        dataset.exif_orientation,
+        dataset.upright,
         inference.keras_runner,
         inference.predict_images,
         inference.predict_batches,
@@ -189,9 +195,13 @@ def cached_features(
     cache_dir: str | Path,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     max_bytes: int = store.DEFAULT_MAX_BYTES,
+    views: Sequence[str] | None = None,
     devices: Sequence[str] = (),
 ) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
     """Features of `paths` (in order): stored ones found, the others computed and stored.
+
+    `views`, one per path, names the augmented view of each row (tl_helpers.augment; ""
+    or None: the image as it is).
 
     Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
     cannot be written (one warning line; the run goes on without the cache). Afterwards the
@@ -199,17 +209,18 @@ def cached_features(
     `inference.predict_images`.
     """
     paths = list(paths)
+    views = list(views) if views is not None else [""] * len(paths)
     if not paths:
         raise ValueError("cached_features: no images")
     key = describable_key(extractor, image_size)
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
-        return uncached_features(extractor, paths, image_size, batch_size, devices)
+        return uncached_features(extractor, paths, image_size, batch_size, views, devices)
     feature_store = FeatureStore(cache_dir, max_bytes)
     try:
         feature_store.folder.mkdir(parents=True, exist_ok=True)
         features, report = _pass(
-            feature_store, key, extractor, paths, image_size, batch_size, devices
+            feature_store, key, extractor, paths, views, image_size, batch_size, devices
         )
         feature_store.touch(key)
         feature_store.compact(key)
@@ -219,7 +230,7 @@ def cached_features(
         print(
             f"Warning: could not use the feature cache {cache_dir} ({err}); continuing without it."
         )
-        return uncached_features(extractor, paths, image_size, batch_size, devices)
+        return uncached_features(extractor, paths, image_size, batch_size, views, devices)
     report.path = feature_store.model_folder(key)
     report.file_bytes = index.bytes_on_disk()
     report.stored_images = len(index.digests)
@@ -232,15 +243,18 @@ def _pass(
     key: str,
     extractor: keras.Model,
     paths: list[str],
+    views: list[str],
     image_size: int,
     batch_size: int,
     devices: Sequence[str] = (),
 ) -> tuple[StoredFeatures, CacheReport]:
     """Look the images up, compute and add the missing ones, and look them up again."""
-    digests = feature_store.digests(paths)
-    first_path: dict[bytes, str] = {}
-    for digest, image in zip(digests, paths, strict=True):
-        first_path.setdefault(digest, image)
+    unique_paths = list(dict.fromkeys(paths))  # a path given once per view is read once
+    file_digest = dict(zip(unique_paths, feature_store.digests(unique_paths), strict=True))
+    digests = augment.view_digests([file_digest[path] for path in paths], views)
+    first_path: dict[bytes, tuple[str, str]] = {}
+    for digest, image, view in zip(digests, paths, views, strict=True):
+        first_path.setdefault(digest, (image, view))
     report = None
     for _ in range(ATTEMPTS):
         located = feature_store.lookup(key, digests)
@@ -250,17 +264,20 @@ def _pass(
             print(report.summary())
         if not located.missing:
             return located.features, report
-        missing_paths = [first_path[digest] for digest in located.missing]
-        compute_into_store(
-            feature_store,
-            key,
-            extractor,
-            missing_paths,
-            located.missing,
-            image_size,
-            batch_size,
-            devices,
-        )
+        for view in dict.fromkeys(first_path[digest][1] for digest in located.missing):
+            missing = [digest for digest in located.missing if first_path[digest][1] == view]
+            missing_paths = [first_path[digest][0] for digest in missing]
+            compute_into_store(
+                feature_store,
+                key,
+                extractor,
+                missing_paths,
+                missing,
+                image_size,
+                batch_size,
+                view,
+                devices,
+            )
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
 
 
@@ -272,9 +289,11 @@ def compute_into_store(
     digests: list[bytes],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
+    view: str = "",
     devices: Sequence[str] = (),
 ) -> None:
-    """Run the extractor over `paths`, adding the features to the store a shard at a time.
+    """Run the extractor over `paths` (their augmented `view`), adding the features to the
+    store a shard at a time.
 
     Memory holds at most one shard's features, and an interrupted pass keeps the shards it
     added. More than one shard's images are run as parts, each with its progress bar.
@@ -283,8 +302,16 @@ def compute_into_store(
     for part, start in enumerate(range(0, len(paths), store.SHARD_ROWS), start=1):
         end = min(start + store.SHARD_ROWS, len(paths))
         title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
+        if view:
+            title = f"view {view}" + (f", {title}" if title else "")
         features = inference.predict_images(
-            extractor, paths[start:end], image_size, batch_size, title, devices
+            extractor,
+            paths[start:end],
+            image_size,
+            batch_size,
+            title,
+            devices=devices,
+            view=view,
         )
         feature_store.add(key, digests[start:end], features)
 
@@ -294,11 +321,26 @@ def uncached_features(
     paths: Sequence[str],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
+    views: Sequence[str] | None = None,
     devices: Sequence[str] = (),
 ) -> tuple[np.ndarray, CacheReport]:
-    """Compute every image's features, without the cache (the opt-out)."""
+    """Compute every image's features (of its view, see `cached_features`), without the cache."""
     paths = list(paths)
+    views = list(views) if views is not None else [""] * len(paths)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
     print(f"features: {len(paths):,} images, {len(paths):,} computed (feature cache off)")
-    features = inference.predict_images(extractor, paths, image_size, batch_size, devices=devices)
+    features = None
+    for view in dict.fromkeys(views):
+        rows = [row for row, each in enumerate(views) if each == view]
+        part = inference.predict_images(
+            extractor,
+            [paths[row] for row in rows],
+            image_size,
+            batch_size,
+            devices=devices,
+            view=view,
+        )
+        if features is None:
+            features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
+        features[rows] = part
     return features, report

@@ -104,6 +104,7 @@ class Config:
     mobilenet_alpha: float = _default("mobilenet_alpha")
     preprocessing: str = _default("preprocessing")
     learning_rate: float = _default("learning_rate")
+    augmentation: str = _default("augmentation")
     seed: int = _default("seed")
     tensorboard_log_dir: Path | str | None = _default("tensorboard_log_dir")
     feature_cache: bool = _default("feature_cache")

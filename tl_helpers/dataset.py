@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tl_helpers import augment
 from tl_helpers.errors import TLError
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")  # compared case-insensitively
@@ -528,24 +529,75 @@ def _quoted(names: Sequence[str], counts: dict[str, int] | None = None) -> str:
 # --------------------------------------------------------------------------- image loading
 
 
-def load_images(paths: Sequence[str], image_size: int, batch_size: int) -> tf.data.Dataset:
-    """Stream batches of RGB float32 images (0..255, square), in the order of `paths`."""
+def load_images(
+    paths: Sequence[str], image_size: int, batch_size: int, view: str = ""
+) -> tf.data.Dataset:
+    """Stream batches of RGB float32 images (0..255, square), in the order of `paths`.
+
+    Each image is turned the right way up by its EXIF orientation (`upright`), then given the
+    augmented view named `view` ("": as is; see tl_helpers.augment), then resized.
+    """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
     size = (int(image_size), int(image_size))
+    transform = augment.view_function(view)
+    orientations = [exif_orientation(path) for path in paths]
 
-    def load(path: tf.Tensor) -> tf.Tensor:
-        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-        return tf.image.resize(image, size, method="bilinear")  # float32, not rescaled
+    def load(path: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+        image = upright(tf.io.decode_jpeg(tf.io.read_file(path), channels=3), orientation)
+        return tf.image.resize(transform(image), size, method="bilinear")  # float32, 0..255
 
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(list(paths), dtype=tf.string), tf.constant(orientations, dtype=tf.int32))
+    )
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def iter_batches(paths: Sequence[str], image_size: int, batch_size: int) -> Iterator[tf.Tensor]:
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF Orientation (1-8) of a JPEG, 1 when it has none or it cannot be read.
+
+    Pillow reads only the file's header here, not its pixels. A file Pillow cannot open gets
+    1: the decoder then reports it, naming the file (`bad_image_error`).
+    """
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # any Pillow failure: the decode step names the file
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Rotate/flip a decoded [h, w, 3] image as EXIF `orientation` (1-8) says it is shown.
+
+    The same transforms as Pillow's `ImageOps.exif_transpose`: 2 mirror, 3 rotate 180,
+    4 flip top to bottom, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90
+    counter-clockwise; 1 (and anything else) leaves it as stored.
+    """
+    branches = [
+        lambda: image,
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: tf.image.transpose(image),
+        lambda: tf.image.rot90(image, 3),
+        lambda: tf.image.rot90(tf.image.transpose(image), 2),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    index = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+    return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
+
+
+def iter_batches(
+    paths: Sequence[str], image_size: int, batch_size: int, view: str = ""
+) -> Iterator[tf.Tensor]:
     """Yield `load_images` batches, turning a decode failure into a TLError naming the file."""
-    batches = iter(load_images(paths, image_size, batch_size))
+    batches = iter(load_images(paths, image_size, batch_size, view))
     for k in itertools.count():
         try:
             batch = next(batches)

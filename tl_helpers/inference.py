@@ -25,14 +25,16 @@ def predict_images(
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
     devices: Sequence[str] = (),
+    view: str = "",
 ) -> np.ndarray:
     """Run `model` on every image in `paths`, in order, batched; show a progress bar.
 
     With several `devices` (a Distribution's, see tl_helpers.distribute), each batch is split
-    between them. A file that cannot be decoded stops the pass with a TLError naming it.
+    between them. `view` names an augmented view of the images (tl_helpers.augment; "": as
+    they are). A file that cannot be decoded stops the pass with a TLError naming it.
     """
     run = keras_runner(model, image_size, devices)
-    return predict_batches(run, paths, image_size, batch_size, title)
+    return predict_batches(run, paths, image_size, batch_size, title, view=view)
 
 
 def keras_runner(
@@ -69,6 +71,7 @@ def predict_batches(
     image_size: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
+    view: str = "",
 ) -> np.ndarray:
     """Apply `run` (a batch of raw-pixel images -> a batch of outputs) to every image in
     `paths`, in order, with a progress bar; any model runner (Keras, TFLite) shares this loop.
@@ -81,7 +84,7 @@ def predict_batches(
     progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
     outputs = None  # filled in place: no list of batches to concatenate (half the peak memory)
     done = 0
-    for batch in iter_batches(paths, image_size, batch_size):
+    for batch in iter_batches(paths, image_size, batch_size, view):
         result = run(batch)
         if outputs is None:
             outputs = np.empty((len(paths), *result.shape[1:]), dtype=result.dtype)

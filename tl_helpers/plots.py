@@ -455,7 +455,8 @@ def _paste_image(
     try:
         with Image.open(path) as image:
             image.draft("RGB", size)  # JPEG: decode at a reduced scale, much faster
-            pixels = np.asarray(ImageOps.contain(image.convert("RGB"), size))
+            upright = ImageOps.exif_transpose(image)  # as the training pipeline turns it
+            pixels = np.asarray(ImageOps.contain(upright.convert("RGB"), size))
     except (OSError, ValueError, Image.DecompressionBombError):
         return [(x + width / 2, y + height / 2, "cannot read\nimage")]
     top = y + (height - pixels.shape[0]) // 2

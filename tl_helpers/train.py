@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def compute_features(
     cache_dir: str | Path | None = None,
     cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
     distribution: Distribution | None = None,
+    views: Sequence[str] = (),
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
@@ -77,28 +79,52 @@ def compute_features(
     `distribution` (tl_helpers.distribute) gives the devices the base runs on and, when
     `batch_size` is None, its batch size; with several workers and a store, each worker first
     computes its share into the store and waits for the others (`compute_share`).
+    `views` names augmented views (tl_helpers.augment): the training rows are every training
+    image as it is, then every training image in each view, in that order; validation images
+    are only ever used as they are.
     """
     extractor = feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
-    paths = list(train.paths) + (list(validation.paths) if has_validation else [])
+    train_paths = list(train.paths) * (1 + len(views))
+    train_views = [view for view in ("", *views) for _ in train.paths]
+    validation_paths = list(validation.paths) if has_validation else []
+    paths = train_paths + validation_paths
+    row_views = train_views + [""] * len(validation_paths)
+    if views:
+        print(f"training views: as is, {', '.join(views)} ({len(train_paths):,} training rows)")
     devices = distribution.devices if distribution else ()
     if batch_size is None:
         batch_size = distribution.backbone_batch_size if distribution else INFERENCE_BATCH_SIZE
     max_bytes = int(cache_max_gb * 1e9)
     if cache_dir is None:
-        vectors, report = cache.uncached_features(extractor, paths, image_size, batch_size, devices)
+        vectors, report = cache.uncached_features(
+            extractor, paths, image_size, batch_size, row_views, devices
+        )
     else:
         if distribution is not None and distribution.num_workers > 1:
             compute_share(
-                extractor, paths, image_size, cache_dir, batch_size, max_bytes, distribution
+                extractor,
+                paths,
+                row_views,
+                image_size,
+                cache_dir,
+                batch_size,
+                max_bytes,
+                distribution,
             )
         vectors, report = cache.cached_features(
-            extractor, paths, image_size, cache_dir, batch_size, max_bytes, devices
+            extractor,
+            paths,
+            image_size,
+            cache_dir,
+            batch_size,
+            max_bytes,
+            views=row_views,
+            devices=devices,
         )
-    count = len(train)
-    features = Features(
-        vectors[:count], np.asarray(train.class_ids, dtype=np.int32), model_key=report.key
-    )
+    count = len(train_paths)
+    train_ids = np.tile(np.asarray(train.class_ids, dtype=np.int32), 1 + len(views))
+    features = Features(vectors[:count], train_ids, model_key=report.key)
     if has_validation:
         features.validation = vectors[count:]
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
@@ -109,6 +135,7 @@ def compute_features(
 def compute_share(
     extractor: keras.Model,
     paths: list[str],
+    views: list[str],
     image_size: int,
     cache_dir: str | Path,
     batch_size: int,
@@ -117,18 +144,26 @@ def compute_share(
 ) -> None:
     """Compute this worker's share of the images into the shared store, then wait for all.
 
-    Worker k of n takes images k, k + n, k + 2n, ...; once every worker has passed the barrier,
+    Worker k of n takes rows k, k + n, k + 2n, ... (`views`: each row's augmented view); once
+    every worker has passed the barrier,
     every share is in the store. A store a worker cannot see (not a shared folder) costs time,
     not correctness: the lookup that follows computes what it lacks.
     """
-    share = distribution.share(paths)
+    rows = distribution.share(range(len(paths)))
     print(
         f"Worker {distribution.worker_index} of {distribution.num_workers}: "
-        f"its share, {len(share):,} of {len(paths):,} images"
+        f"its share, {len(rows):,} of {len(paths):,} images"
     )
-    if share:
+    if rows:
         cache.cached_features(
-            extractor, share, image_size, cache_dir, batch_size, max_bytes, distribution.devices
+            extractor,
+            [paths[row] for row in rows],
+            image_size,
+            cache_dir,
+            batch_size,
+            max_bytes,
+            views=[views[row] for row in rows],
+            devices=distribution.devices,
         )
     print("Waiting for the other workers' shares ...")
     distribution.barrier()
