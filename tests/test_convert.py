@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NOTEBOOK, ROOT, make_dataset, tiny_base_model, write_config
+from conftest import ROOT, make_dataset, tiny_base_model, write_config
 
 from tl_helpers import compat, convert, quantize
 from tl_helpers.config import load_configuration
 from tl_helpers.dataset import scan_image_folder
 from tl_helpers.errors import TLError
 from tl_helpers.model import build_classifier
-from tl_helpers.run_notebook import run_notebook
 
 keras = tf.keras
 LABELS = {"red": 1, "green": 0, "blue": 2}
@@ -236,23 +235,6 @@ def test_step_skipped_when_off_or_tools_missing(tmp_path, monkeypatch, capsys):
     results = convert.add_conversion_results({"top_1_accuracy": 0.5}, missing)
     assert results[convert.CONVERSION_KEY] == {"ran": False, "reason": missing.reason}
     assert results["top_1_accuracy"] == 0.5
-
-
-@pytest.mark.notebook
-@pytest.mark.mct
-def test_notebook_without_converter_still_writes_results(tmp_path, monkeypatch):
-    """The whole notebook, quantization on, converter missing: one line, results.json written."""
-    make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)
-    write_config(tmp_path, quantize=True, calibration_batch_size=4, calibration_batches=1)
-    monkeypatch.setenv(convert.CONVERTER_ENV_VAR, str(tmp_path / "no-converter" / "imxconv-tf"))
-    nb = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", cwd=tmp_path)
-    results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
-    conversion = results[convert.CONVERSION_KEY]
-    assert conversion["ran"] is False and "make venv" in conversion["reason"]
-    assert "quantized_keras_top_1_accuracy" in results
-    last = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"]
-    assert "".join(o.text for o in last).strip() == conversion["reason"]
-    assert not (tmp_path / "out" / "model" / "imx500").exists()
 
 
 # --------------------------------------------------------------------------- the real converter

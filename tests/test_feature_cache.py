@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import COLOURS, ROOT, make_dataset, write_config, write_jpeg
 
-from tl_helpers import cache, dataset, inference, model, store, train
+from tl_helpers import augment, cache, dataset, inference, model, store, train
 from tl_helpers.config import load_configuration
 from tl_helpers.errors import TLError
 from tl_helpers.store import FeatureStore, StoredFeatures
@@ -762,8 +762,11 @@ def test_features_a_notebook_kernel_cached_are_found_in_another_process(
     """The key does not depend on the session: this process finds the entries a kernel wrote."""
     run = tiny_notebook_run
     text = "".join(o.get("text", "") for c in run.nb.cells for o in c.get("outputs", []))
-    assert "features: 36 images, 0 from cache, 36 computed" in text  # the kernel's first run
     cfg = load_configuration(run.folder / "configuration.json")
+    # The kernel's first run: 24 training images in each view (as they are, then the default
+    # augmentation's views) and 12 validation images.
+    rows = 24 * (1 + len(augment.views_of(cfg.augmentation))) + 12
+    assert f"features: {rows} images, 0 from cache, {rows} computed" in text
     cache_dir = shutil.copytree(cfg.feature_cache_dir, tmp_path / "cache")  # the run's stays as is
     train_set = dataset.scan_image_folder(cfg.dataset_training_dir, run.labels)
     val_set = dataset.scan_image_folder(cfg.dataset_validation_dir, run.labels, role="validation")

@@ -59,9 +59,9 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
 
     requested: list[str] = []
 
-    def watched_iter_batches(paths, image_size, batch_size):
+    def watched_iter_batches(paths, image_size, batch_size, view=""):
         requested.extend(paths)
-        return iter_batches(paths, image_size, batch_size)
+        return iter_batches(paths, image_size, batch_size, view)
 
     monkeypatch.setattr(calibration, "iter_batches", watched_iter_batches)
     with warnings.catch_warnings(record=True) as caught:
@@ -313,9 +313,13 @@ def test_real_backbone_on_real_images():
     assert (float_ids == quantized_ids).mean() >= 0.9
 
 
-def test_notebook_with_quantization_on(tmp_path):
+def test_notebook_with_quantization_on(tmp_path, monkeypatch):
+    """The whole notebook with quantization on and a user's .h5 base; the IMX500 converter is
+    made missing, so the conversion step says so in one line and the run still completes."""
+    from tl_helpers import convert
     from tl_helpers.run_notebook import run_notebook
 
+    monkeypatch.setenv(convert.CONVERTER_ENV_VAR, str(tmp_path / "no-converter" / "imxconv-tf"))
     make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=2)
     tiny_base_model(32).save(tmp_path / "base.h5")
     write_config(
@@ -326,7 +330,9 @@ def test_notebook_with_quantization_on(tmp_path):
         calibration_batch_size=4,
         calibration_batches=2,
     )
-    run_notebook(ROOT / "image_classification.ipynb", tmp_path / "executed.ipynb", cwd=tmp_path)
+    nb = run_notebook(
+        ROOT / "image_classification.ipynb", tmp_path / "executed.ipynb", cwd=tmp_path
+    )
     folder = tmp_path / "out" / "model" / "quantized"
     assert (folder / "quantized_model.keras").is_file()
     assert (folder / "quantized_model_int8.tflite").is_file()
@@ -347,6 +353,11 @@ def test_notebook_with_quantization_on(tmp_path):
     chart = tmp_path / "out" / "model" / "figures" / "float_vs_quantized.png"
     with Image.open(chart) as image:  # the float vs quantized Top-1 chart
         assert image.width >= 300 and image.height >= 200
+    conversion = results[convert.CONVERSION_KEY]
+    assert conversion["ran"] is False and "make venv" in conversion["reason"]
+    last = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"]
+    assert "".join(o.text for o in last).strip() == conversion["reason"]
+    assert not (tmp_path / "out" / "model" / "imx500").exists()
 
 
 def test_parallel_statistics_give_the_same_quantized_model(tmp_path):
