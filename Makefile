@@ -43,7 +43,7 @@ test: venv
 ## Unit tests only: no notebook kernel, no MCT, no extra TensorFlow processes (see the markers
 ## in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not notebook and not mct and not distributed"
+	$(BIN)/python -m pytest -m "not slow and not notebook and not mct and not distributed and not savedmodel"
 
 ## The benchmark (not a test; about 27 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,

@@ -93,7 +93,7 @@ def write_config(directory: Path, **values) -> Path:
 
 
 # The two test tiers: `make test-fast` runs
-# `-m "not slow and not notebook and not mct and not distributed"`.
+# `-m "not slow and not notebook and not mct and not distributed and not savedmodel"`.
 NOTEBOOK_FIXTURES = {"tiny_notebook_run"}
 MCT_TEST_FILES = {"test_quantize.py"}  # every test there runs MCT quantization
 

@@ -123,6 +123,7 @@ def test_full_model_matches_head_on_cached_features(trained):
     np.testing.assert_allclose(from_images, from_features, atol=1e-5)
 
 
+@pytest.mark.savedmodel
 def test_saved_model_gives_the_same_predictions(trained, model_dir):
     classifier = trained["classifier"]
     reloaded = evaluate.load_saved_model(model_dir)
@@ -132,6 +133,7 @@ def test_saved_model_gives_the_same_predictions(trained, model_dir):
     )
 
 
+@pytest.mark.savedmodel
 def test_non_alphabetical_ids_give_high_accuracy(trained, model_dir):
     """Training and evaluation both use labels.json ids: the reference's bug would give ~0."""
     results = evaluate.evaluate_saved_model(model_dir, trained["val_set"], SIZE)
@@ -140,6 +142,7 @@ def test_non_alphabetical_ids_give_high_accuracy(trained, model_dir):
     assert results["per_class"]["apple"]["accuracy"] >= 0.75
 
 
+@pytest.mark.savedmodel
 def test_evaluation_from_features_equals_the_full_pass(trained, model_dir):
     """The head of the reloaded model on the pass's features gives the full pass's report."""
     val_set = trained["val_set"]
@@ -156,6 +159,7 @@ def test_evaluation_from_features_equals_the_full_pass(trained, model_dir):
     ]
 
 
+@pytest.mark.savedmodel
 def test_evaluation_runs_every_image_when_the_saved_base_differs(trained, tmp_path):
     """Features from another base (here: weights changed after the pass) are never used."""
     labels, val_set = trained["labels"], trained["val_set"]
@@ -172,6 +176,7 @@ def test_evaluation_runs_every_image_when_the_saved_base_differs(trained, tmp_pa
     assert results["num_correct"] == int((expected == val_set.class_ids).sum())
 
 
+@pytest.mark.savedmodel
 def test_evaluation_check_catches_features_that_do_not_match(trained, model_dir):
     """Same key but wrong numbers (e.g. a damaged feature array): the check falls back."""
     f = trained["features"]
@@ -189,6 +194,7 @@ def test_evaluation_check_catches_features_that_do_not_match(trained, model_dir)
     assert results["top_1_accuracy"] >= 0.9
 
 
+@pytest.mark.savedmodel
 def test_evaluation_runs_every_image_when_the_validation_set_changed(trained, model_dir):
     """Features of other validation images (the folder changed after the pass) are not used."""
     f = trained["features"]
