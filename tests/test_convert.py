@@ -326,7 +326,7 @@ def test_interrupted_conversion_keeps_previous(tmp_path, tiny_keras_file):
         "    sys.exit(3)\n"
     )
     child = subprocess.Popen(
-        [sys.executable, "-c", script],
+        [sys.executable, "-u", "-c", script],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

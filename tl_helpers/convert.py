@@ -239,13 +239,18 @@ def _mb(size: int) -> str:
 # --------------------------------------------------------------------------- running it
 
 
+def show(line: str) -> None:
+    """Print a line at once (the converter's progress, as it comes)."""
+    print(line, flush=True)
+
+
 def run_converter(
     converter: Path,
     keras_file: Path,
     output_dir: Path,
     *,
     input_persistency: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> tuple[int, list[str]]:
     """Run `imxconv-tf` on `keras_file` into `output_dir`, echoing its progress line by line.
 
@@ -253,6 +258,7 @@ def run_converter(
     inside `output_dir`'s parent that is removed afterwards; Ctrl-C (the notebook's interrupt)
     stops the converter and its Java back end before the interrupt goes on.
     """
+    echo = echo or show
     scratch = temporary_sibling(output_dir.parent / "imxconv-scratch")
     command = [str(converter), "-i", str(keras_file), "-o", str(output_dir), "--overwrite-output"]
     if not input_persistency:
@@ -329,7 +335,7 @@ def convert(
     *,
     input_persistency: bool = True,
     converter: Path | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> Conversion:
     """Convert `keras_file` and write output_dir/imx500/ atomically; return what was done.
 
@@ -337,6 +343,7 @@ def convert(
     not fit in the IMX500's memory (the figures and what to change); the previous
     output_dir/imx500/ is then left as it was.
     """
+    echo = echo or show
     converter = converter or find_converter()
     if converter is None:
         raise TLError(
