@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from calibration import quantized_files  # bench/calibration.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
     "flowers128": ROOT.parent / "shared" / "datasets" / "flowers128",
@@ -107,17 +109,7 @@ def quantized_top1(classifier, train, validation, out: Path) -> dict[str, float]
     quantized = tl.quantize.quantize_model(classifier, data)
     with tempfile.TemporaryDirectory(dir=out) as work:
         folder = tl.quantize.export_quantized(quantized, work)
-        files = tl.quantize.QuantizedModel(
-            folder,
-            folder / tl.quantize.KERAS_FILE,
-            folder / tl.quantize.TFLITE_FILE,
-            "1.0",
-            len(paths),
-            50,
-            0.0,
-            0.0,
-            {},
-        )
+        files = quantized_files(folder, len(paths), 50)
         reports = tl.quantized_evaluation.evaluate_quantized(files, validation, 224)
     return {
         "keras": reports["quantized_keras"]["top_1_accuracy"],

@@ -98,16 +98,8 @@ def main() -> None:
                     start = time.perf_counter()
                     folder = tl.quantize.export_quantized(quantized, work)
                     export_seconds = time.perf_counter() - start
-                    files = tl.quantize.QuantizedModel(
-                        folder,
-                        folder / tl.quantize.KERAS_FILE,
-                        folder / tl.quantize.TFLITE_FILE,
-                        "1.0",
-                        len(paths),
-                        args.calibration_batch_size,
-                        mct_seconds,
-                        export_seconds,
-                        {},
+                    files = quantized_files(
+                        folder, len(paths), args.calibration_batch_size, mct_seconds, export_seconds
                     )
                     start = time.perf_counter()
                     reports = tl.quantized_evaluation.evaluate_quantized(files, validation, 224)
@@ -133,6 +125,29 @@ def main() -> None:
                 }
                 (args.out / "calibration.json").write_text(json.dumps(result, indent=2))
     print(markdown_table(rows))
+
+
+def quantized_files(
+    folder: Path,
+    images: int,
+    batch_size: int,
+    mct_seconds: float = 0.0,
+    export_seconds: float = 0.0,
+):
+    """The QuantizedModel record of an export_quantized folder (TPC 1.0), for its evaluation."""
+    import tl_helpers as tl
+
+    return tl.quantize.QuantizedModel(
+        folder,
+        folder / tl.quantize.KERAS_FILE,
+        folder / tl.quantize.TFLITE_FILE,
+        "1.0",
+        images,
+        batch_size,
+        mct_seconds,
+        export_seconds,
+        {},
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
