@@ -316,8 +316,11 @@ def test_interrupted_conversion_keeps_previous(tmp_path, tiny_keras_file):
     """Ctrl-C (the notebook's interrupt) during conversion: the previous folder stays as it was,
     the converter is stopped, and nothing temporary is left."""
     before = _previous_conversion(tmp_path)
+    # A process started in the background inherits SIGINT ignored (CI runs so): the child takes
+    # Python's own handler back, as a Jupyter kernel handles its interrupt.
     script = (
-        "import sys\n"
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from tl_helpers import convert\n"
         "try:\n"
         f"    convert.convert({str(tiny_keras_file)!r}, {str(tmp_path)!r}, {LABELS!r})\n"
