@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tl_helpers.atomic import write_json
 from tl_helpers.cache import describable_key
 from tl_helpers.dataset import ImageFolder, iter_batches
-from tl_helpers.export import write_json
 from tl_helpers.inference import INFERENCE_BATCH_SIZE, predict_images
 from tl_helpers.model import feature_extractor
 from tl_helpers.progress import ticking

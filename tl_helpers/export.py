@@ -11,7 +11,7 @@ from tl_helpers.atomic import (
     recover_copy,
     recover_leftovers,
     remove,
-    replace_directory,  # noqa: F401  (used through this module by quantization)
+    replace_directory,  # noqa: F401  (part of this module's interface: export.replace_directory)
     replace_directory_with_copy,
     temporary_sibling,
     write_json,
