@@ -27,6 +27,7 @@ PIPELINE = (
     ("model", "base model + classifier"),
     ("backbone", "backbone pass (features; floor)"),
     ("training", "training (fit)"),
+    ("fine-tuning", "fine-tuning (fit)"),
     ("save", "save SavedModel"),
     ("reload", "reload SavedModel"),
     ("evaluation", "evaluation"),

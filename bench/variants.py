@@ -28,6 +28,7 @@ CELL_PHASES = (
     ("quantization", r"quantiz"),  # first: the quantized-results cell also saves results.json
     ("backbone", r"\.compute_features\("),
     ("training", r"\.train_head\("),
+    ("fine-tuning", r"\.fine_tune\("),
     ("save", r"\.save_model\("),
     ("evaluation", r"\.evaluate_saved_model\("),
     ("results", r"\.save_results\("),

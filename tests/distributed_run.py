@@ -4,7 +4,8 @@
 
 FOLDER holds configuration.json (tests/conftest.write_config) and the data it names. The run
 follows the notebook's calls: choose the distribution, compute the features (the feature store
-in the configuration), train the head, and save the model and results where the configuration,
+in the configuration), train the head, fine-tune (when the configuration names a cut), and
+save the model and results where the configuration,
 as `distribute.for_this_worker` leaves it, says. RESULT.json (a test artefact, written by
 every process) gets the features, Top-1 and where the outputs went. With `--logical-cpus N`,
 the CPU is split into N logical devices before TensorFlow starts, standing in for N GPUs.
@@ -61,13 +62,26 @@ def main() -> None:
         cfg.input_tensor_size,
         cache_dir=cfg.feature_cache_dir,
         distribution=distribution,
+        fine_tune_cut=cfg.fine_tune_cut if cfg.fine_tune else None,
     )
+    # The features as the pass gave them (fine-tuning recomputes the validation ones).
+    train_features = np.asarray(features.train).tolist()
+    validation_features = np.asarray(features.validation).tolist()
     history = train.train_head(
         classifier,
         features,
         cfg.epochs,
         cfg.batch_size,
         cfg.learning_rate,
+        verbose=0,
+        distribution=distribution,
+    )
+    tuned = train.fine_tune(
+        classifier,
+        features,
+        cfg.fine_tune_epochs,
+        cfg.batch_size,
+        cfg.fine_tune_learning_rate,
         verbose=0,
         distribution=distribution,
     )
@@ -79,9 +93,13 @@ def main() -> None:
         "worker_index": distribution.worker_index,
         "is_chief": distribution.is_chief,
         "output_dir": str(cfg.output_dir),
-        "train_features": np.asarray(features.train).tolist(),
-        "validation_features": np.asarray(features.validation).tolist(),
+        "train_features": train_features,
+        "validation_features": validation_features,
         "final_loss": history.history["loss"][-1],
+        "fine_tune_final_loss": tuned.history["loss"][-1] if tuned else None,
+        "train_activations": np.asarray(features.train_activations).tolist()
+        if features.split
+        else None,
         "top_1": results["top_1_accuracy"],
     }
     args.result.write_text(json.dumps(report))

@@ -133,7 +133,17 @@ def folder(tmp_path_factory) -> Path:
     """A tiny dataset and configuration (3 classes, 8 training and 4 validation images each)."""
     root = tmp_path_factory.mktemp("distributed")
     make_dataset(root / "data", LABELS, train_per_class=8, val_per_class=4)
-    write_config(root, epochs=8, learning_rate=0.1, batch_size=8)
+    # Fine-tuning above conv1 of the tiny base (tests/conftest.tiny_base_model): the cut's
+    # activations are what the workers share, and conv2 trains in step on both.
+    write_config(
+        root,
+        epochs=8,
+        learning_rate=0.1,
+        batch_size=8,
+        fine_tune_cut="conv1",
+        fine_tune_epochs=3,
+        fine_tune_learning_rate=0.01,
+    )
     return root
 
 
@@ -195,7 +205,8 @@ def test_two_logical_devices_give_the_same_features_and_train(folder, alone):
     clear_outputs(folder)
     mirrored = run(folder, "mirrored", "--logical-cpus", "2")
     assert (alone["replicas"], mirrored["replicas"]) == (1, 2)
-    for key in ("train_features", "validation_features"):
+    assert alone["fine_tune_final_loss"] is not None  # the runs fine-tune above conv1
+    for key in ("train_activations", "train_features", "validation_features"):
         np.testing.assert_allclose(mirrored[key], alone[key], atol=1e-5, err_msg=key)
     assert mirrored["top_1"] >= alone["top_1"] - 2 / 12  # within noise: 2 of 12 images
 
@@ -224,12 +235,13 @@ def test_two_workers_share_the_features_train_together_and_only_the_chief_writes
     chief, other = finish(processes, results)
     assert (chief["is_chief"], other["is_chief"]) == (True, False)
     assert chief["replicas"] == other["replicas"] == 2
-    for key in ("train_features", "validation_features"):
+    for key in ("train_activations", "train_features", "validation_features"):
         np.testing.assert_allclose(chief[key], alone[key], atol=1e-5, err_msg=key)
         np.testing.assert_allclose(other[key], alone[key], atol=1e-5, err_msg=key)
     # Synchronous training: both workers end with the same model, as good as one process's.
     assert chief["top_1"] == other["top_1"]
     assert chief["final_loss"] == pytest.approx(other["final_loss"])
+    assert chief["fine_tune_final_loss"] == pytest.approx(other["fine_tune_final_loss"])
     assert abs(chief["top_1"] - alone["top_1"]) <= 2 / 12  # within noise: 2 of 12 images
     # Only the chief's outputs are in the configured folders; the other's went away with it.
     assert chief["output_dir"] == str(folder / "out" / "model")

@@ -147,6 +147,19 @@ def test_training_curves_have_whole_epoch_ticks(epochs):
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
+def test_fine_tuning_epochs_follow_the_heads_after_a_line():
+    head = {"loss": [1.0, 0.8, 0.7], "accuracy": [0.5, 0.6, 0.7], "val_accuracy": [0.5] * 3}
+    tuned = {"loss": [0.6, 0.5], "accuracy": [0.75, 0.8], "val_accuracy": [0.55, 0.6]}
+    fig = plots.history_figure(head, tuned)
+    loss, accuracy = fig.axes
+    assert list(loss.lines[0].get_ydata()) == [1.0, 0.8, 0.7, 0.6, 0.5]
+    assert list(accuracy.lines[1].get_ydata()) == [0.5, 0.5, 0.5, 0.55, 0.6]
+    boundary = [line for line in loss.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_xdata()) for line in boundary] == [[3.5, 3.5]]
+    assert "fine-tuning" in fig._suptitle.get_text()
+    assert "fine-tuning" not in plots.history_figure(head, None)._suptitle.get_text()
+
+
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # no CJK font on the machine
 def test_many_long_class_names_stay_readable(tmp_path):
     names = MANY_NAMES

@@ -133,9 +133,10 @@ def plot_samples(folder: ImageFolder, path: str | Path, per_class: int = 5) -> N
     show_figure(samples_figure(folder, per_class), path)
 
 
-def plot_history(history: object, path: str | Path) -> None:
-    """Loss and accuracy per epoch, training vs validation; saved and shown."""
-    show_figure(history_figure(history), path)
+def plot_history(history: object, path: str | Path, fine_tune: object | None = None) -> None:
+    """Loss and accuracy per epoch, training vs validation, then the fine-tuning epochs (when
+    `fine_tune` is its History) after a dashed line; saved and shown."""
+    show_figure(history_figure(history, fine_tune), path)
 
 
 def plot_confusion_matrix(results: Mapping, path: str | Path) -> None:
@@ -252,11 +253,16 @@ def samples_figure(
     return fig
 
 
-def history_figure(history: object) -> Figure:
-    """Loss and accuracy per epoch, training vs validation, from a Keras History or its dict."""
+def history_figure(history: object, fine_tune: object | None = None) -> Figure:
+    """Loss and accuracy per epoch, training vs validation, from a Keras History or its dict;
+    with `fine_tune` (another), its epochs follow the head's after a dashed line."""
     logs = getattr(history, "history", history)
     if not logs or "loss" not in logs:
         raise ValueError("history_figure: expected a Keras History (or dict) with 'loss'")
+    head_epochs = len(logs["loss"])
+    tuned = getattr(fine_tune, "history", fine_tune) or {}
+    if tuned:
+        logs = {key: list(logs[key]) + list(tuned.get(key, [])) for key in logs}
     epochs = np.arange(1, len(logs["loss"]) + 1)
     marker = "o" if len(epochs) <= 30 else None
     with _style():
@@ -277,12 +283,23 @@ def history_figure(history: object) -> Figure:
             # default of at least two ticks would fall back to fractions).
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
+            if tuned:
+                ax.axvline(head_epochs + 0.5, color="grey", linestyle="--", linewidth=1)
+                ax.text(
+                    head_epochs + 0.6,
+                    0.02,
+                    "fine-tuning",
+                    transform=ax.get_xaxis_transform(),
+                    fontsize=8,
+                    color="grey",
+                )
             ax.legend(fontsize=8)
             if metric == "accuracy":
                 ax.set_ylim(0, 1.02)
             else:
                 ax.set_ylim(bottom=0)
-        fig.suptitle("Training of the classification head", fontsize=11)
+        title = "Training of the head, then fine-tuning" if tuned else "Training of the head"
+        fig.suptitle(title, fontsize=11)
     return fig
 
 

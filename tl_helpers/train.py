@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import cache
+from tl_helpers import cache, finetune
 from tl_helpers.dataset import ImageFolder
 from tl_helpers.distribute import Distribution
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
@@ -45,6 +45,11 @@ class Features:
     validation_ids: np.ndarray | None = None
     model_key: str | None = None  # cache.model_key of the extractor that computed them
     validation_paths: tuple[str, ...] = ()  # the validation images, in the order of the rows
+    # With fine-tuning: the base's cut, and the activations at the cut (flattened) of the same
+    # rows as `train` and `validation`, from which the pooled features above were computed.
+    split: finetune.Split | None = None
+    train_activations: np.ndarray | StoredFeatures | None = None
+    validation_activations: np.ndarray | StoredFeatures | None = None
 
 
 def setup_tensorflow(seed: int = 0) -> None:
@@ -70,6 +75,7 @@ def compute_features(
     cache_max_gb: float = DEFAULT_MAX_BYTES / 1e9,
     distribution: Distribution | None = None,
     views: Sequence[str] = (),
+    fine_tune_cut: str | None = None,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
@@ -82,8 +88,12 @@ def compute_features(
     `views` names augmented views (tl_helpers.augment): the training rows are every training
     image as it is, then every training image in each view, in that order; validation images
     are only ever used as they are.
+    `fine_tune_cut` (None: no fine-tuning) names the layer where the base is cut for
+    `fine_tune` ("": the default cut, tl_helpers.finetune): the store then keeps the activations
+    at the cut, and the pooled features come from them through the rest of the base.
     """
-    extractor = feature_extractor(classifier)
+    split = None if fine_tune_cut is None else finetune.split_for(classifier, fine_tune_cut)
+    extractor = split.lower if split else feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
     train_paths = list(train.paths) * (1 + len(views))
     train_views = [view for view in ("", *views) for _ in train.paths]
@@ -124,9 +134,22 @@ def compute_features(
         )
     count = len(train_paths)
     train_ids = np.tile(np.asarray(train.class_ids, dtype=np.int32), 1 + len(views))
-    features = Features(vectors[:count], train_ids, model_key=report.key)
+    if split is None:
+        features = Features(vectors[:count], train_ids, model_key=report.key)
+    else:
+        features = Features(
+            finetune.pooled_features(split, vectors[:count]),
+            train_ids,
+            model_key=cache.describable_key(feature_extractor(classifier), image_size),
+            split=split,
+            train_activations=vectors[:count],
+        )
+        if has_validation:
+            features.validation_activations = vectors[count:]
     if has_validation:
-        features.validation = vectors[count:]
+        features.validation = (
+            vectors[count:] if split is None else finetune.pooled_features(split, vectors[count:])
+        )
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
         features.validation_paths = tuple(map(str, validation.paths))
     return features
@@ -234,6 +257,79 @@ def train_head(
         callbacks=callbacks,
     )
     set_head_weights(classifier, head)
+    return history
+
+
+def fine_tune(
+    classifier: keras.Model,
+    features: Features,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float = 3e-4,
+    verbose: int = 2,
+    callbacks: list | None = None,
+    distribution: Distribution | None = None,
+    decay: bool = True,
+) -> keras.callbacks.History | None:
+    """Train the base above the cut together with the (already trained) head, from the
+    activations at the cut, and copy the result into the classifier.
+
+    The Keras transfer-learning guide's second step: a low learning rate, BatchNormalization
+    frozen in inference mode, the layers below the cut untouched. With `decay`, the learning
+    rate falls from `learning_rate` to 0 along a cosine over the epochs, so the last epoch's
+    weights, the ones kept, come from small steps. Returns None (and changes
+    nothing) when `features` has no cut (fine-tuning off, or no cut for this base). The
+    validation rows' pooled features are then recomputed with the fine-tuned layers, so that
+    evaluation from features sees the saved model's own base.
+    """
+    split = features.split
+    if split is None or epochs == 0:
+        return None
+    rows = len(features.train_activations)
+    batch_size = check_batch_size(batch_size, rows)
+    strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
+    steps = epochs * math.ceil(rows / batch_size)
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if decay else learning_rate
+    with strategy.scope():
+        model = finetune.fine_tune_model(classifier, split)
+        model.compile(
+            optimizer=keras.optimizers.Adam(rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            steps_per_execution=finetune.steps_per_execution(rows, batch_size),
+        )
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    print(
+        f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} training "
+        f"rows, {epochs} epochs, learning rate {learning_rate:g}"
+    )
+    seed = np.random.randint(2**31)
+    if distribution is not None:
+        seed = distribution.same_on_all_workers(seed)
+    training = feature_dataset(
+        features.train_activations, features.train_ids, batch_size, shuffle=True, seed=seed
+    )
+    validation_data = None
+    if features.validation_activations is not None:
+        validation_data = feature_dataset(
+            features.validation_activations,
+            features.validation_ids,
+            max(batch_size, 256),
+            shuffle=False,
+        )
+    history = model.fit(
+        training,
+        epochs=epochs,
+        validation_data=validation_data,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
+    finetune.copy_back(classifier, split, model)
+    if features.validation_activations is not None:
+        features.validation = finetune.pooled_features(split, features.validation_activations)
+        features.model_key = cache.describable_key(
+            feature_extractor(classifier), classifier.input_shape[1]
+        )
     return history
 
 

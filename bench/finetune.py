@@ -1,0 +1,196 @@
+"""Top-1 and time of head-only training vs fine-tuning the top of the base (not a test).
+
+For each dataset (224 px, MobileNetV2 alpha 0.35 with its bundled weights, batch 32, head 10
+epochs at Adam 0.001, a feature store of its own under OUT, empty at the start) and each
+`augmentation` setting and cut: the backbone passes that fill the store (the images as they
+are, then each view), timed once; then for each seed the head is trained on the pooled
+features (`train.train_head`), its Top-1 measured, then the base above the cut and the head
+are fine-tuned (`train.fine_tune`: Adam, cosine decay from --learning-rate) and Top-1 measured
+again, on every validation image (never augmented; nothing is chosen on it within a run).
+"first run" = the passes + the pooled features from the activations + head training +
+fine-tuning, seed 0: what features and training cost on a first run. With `--quantize`, each
+row's first-seed fine-tuned classifier is quantized as bench/augmentation.py does and its
+quantized .keras / .tflite Top-1 measured.
+
+    .venv/bin/python bench/finetune.py --quantize          # the published table
+    .venv/bin/python bench/finetune.py --datasets clothing5 --seeds 0 --out /tmp/ft
+
+Writes OUT/finetune.json (with each epoch's val_accuracy, for the record) and prints a
+Markdown table (docs/fine-tuning.md has the published one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from augmentation import DATASETS, load_sets, quantized_top1, top1  # beside this script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--settings", nargs="+", default=["none", "mirror_crop"])
+    parser.add_argument("--cuts", nargs="+", default=["block_12_add"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=10, help="head epochs")
+    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="fine-tuning's")
+    parser.add_argument("--constant-lr", action="store_true", help="no cosine decay")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "finetune")
+    parser.add_argument("--json-name", default="finetune.json")
+    return parser.parse_args()
+
+
+def timed_passes(classifier, train, validation, views, cut, cache_dir) -> dict[str, float]:
+    """Seconds of the backbone (lower part) pass of the images as they are and of each view."""
+    import tl_helpers as tl
+
+    seconds = {}
+    for number, view in enumerate(("", *views)):
+        start = time.perf_counter()
+        tl.train.compute_features(
+            classifier,
+            train,
+            validation,
+            224,
+            cache_dir=cache_dir,
+            views=views[:number],
+            fine_tune_cut=cut,
+        )
+        seconds[view or "as is"] = time.perf_counter() - start
+    return seconds
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
+    """The rows of one dataset: one per setting, cut and seed."""
+    import tl_helpers as tl
+
+    labels, train, validation = load_sets(name)
+    rows = []
+    for setting in args.settings:
+        views = tl.augment.views_of(setting)
+        for cut in args.cuts:
+            tl.train.setup_tensorflow(0)
+            base = tl.model.load_base_model("", 224, 0.35)
+            original = base.get_weights()
+            classifier = tl.model.build_classifier(base, labels, 224)
+            cache_dir = args.out / "feature_cache" / name
+            passes = timed_passes(classifier, train, validation, views, cut, cache_dir)
+            start = time.perf_counter()
+            features = tl.train.compute_features(
+                classifier,
+                train,
+                validation,
+                224,
+                cache_dir=cache_dir,
+                views=views,
+                fine_tune_cut=cut,
+            )
+            pooled_seconds = time.perf_counter() - start
+            for seed in args.seeds:
+                base.set_weights(original)
+                features = tl.train.compute_features(
+                    classifier,
+                    train,
+                    validation,
+                    224,
+                    cache_dir=cache_dir,
+                    views=views,
+                    fine_tune_cut=cut,
+                )
+                tl.train.setup_tensorflow(seed)
+                start = time.perf_counter()
+                tl.train.train_head(classifier, features, args.epochs, args.batch_size, verbose=0)
+                head_seconds = time.perf_counter() - start
+                head_top1 = top1(classifier, features)
+                start = time.perf_counter()
+                history = tl.train.fine_tune(
+                    classifier,
+                    features,
+                    args.fine_tune_epochs,
+                    args.batch_size,
+                    args.learning_rate,
+                    verbose=0,
+                    decay=not args.constant_lr,
+                )
+                fine_seconds = time.perf_counter() - start
+                row = {
+                    "dataset": name,
+                    "augmentation": setting,
+                    "cut": cut,
+                    "seed": seed,
+                    "training_rows": len(features.train),
+                    "activation_size": features.split.size,
+                    "head_top1": head_top1,
+                    "fine_tuned_top1": top1(classifier, features),
+                    "val_accuracy_per_epoch": history.history.get("val_accuracy"),
+                    "pass_seconds": passes,
+                    "pooled_seconds": pooled_seconds,
+                    "head_seconds": head_seconds,
+                    "fine_tune_seconds": fine_seconds,
+                    "first_run_seconds": sum(passes.values()) + head_seconds + fine_seconds,
+                }
+                if args.quantize and seed == args.seeds[0]:
+                    row["quantized_top1"] = quantized_top1(classifier, train, validation, args.out)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table: one line per dataset, setting and cut, seeds side by side."""
+    seeds = sorted({row["seed"] for row in rows})
+    head = ["dataset", "augmentation", "cut", "training rows"]
+    head += [f"head / fine-tuned seed {seed}" for seed in seeds] + ["mean head / fine-tuned"]
+    head += ["backbone passes (s)", "head + fine-tune (s)", "first run (s)"]
+    head += ["quantized .keras / .tflite"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["dataset"], r["augmentation"], r["cut"]) for r in rows))
+    for key in keys:
+        group = [r for r in rows if (r["dataset"], r["augmentation"], r["cut"]) == key]
+        by_seed = {r["seed"]: r for r in group}
+        first = group[0]
+        mean = [sum(r[k] for r in group) / len(group) for k in ("head_top1", "fine_tuned_top1")]
+        quantized = first.get("quantized_top1")
+        cells = [*key, f"{first['training_rows']:,}"]
+        cells += [
+            f"{by_seed[s]['head_top1']:.4f} / {by_seed[s]['fine_tuned_top1']:.4f}"
+            if s in by_seed
+            else ""
+            for s in seeds
+        ]
+        cells += [f"{mean[0]:.4f} / {mean[1]:.4f}"]
+        cells += [" + ".join(f"{v:.1f}" for v in first["pass_seconds"].values())]
+        cells += [f"{first['head_seconds']:.1f} + {first['fine_tune_seconds']:.1f}"]
+        cells += [f"{first['first_run_seconds']:.1f}"]
+        cells += [f"{quantized['keras']:.4f} / {quantized['tflite']:.4f}" if quantized else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.datasets:
+        rows += run_dataset(name, args)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    (args.out / args.json_name).write_text(json.dumps(result, indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Fine-tuning from cached activations: the cut, what trains, what is cached, the saved model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_dataset, tiny_base_model
+
+from tl_helpers import dataset, evaluate, export, finetune, model, train
+from tl_helpers.errors import TLError
+from tl_helpers.inference import predict_images
+
+keras = tf.keras
+SIZE = 32
+LABELS = {"zebra": 0, "apple": 3, "mango": 1}
+
+
+def residual_base(size: int = SIZE) -> keras.Model:
+    """conv_in -> [conv_a -> conv_b] + conv_in (a skip connection) -> conv_out."""
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv_in")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="conv_a")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="conv_b")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.Conv2D(16, 3, strides=2, name="conv_out")(x)
+    return keras.Model(inputs, x, name="residual")
+
+
+@pytest.mark.parametrize(
+    ("cut", "says"),
+    [
+        ("conv_a", '"add" above the cut also reads the output of "conv_in" below it'),
+        ("conv_b", '"add" above the cut also reads the output of "conv_in" below it'),
+        ("conv_out", "is the last layer of residual, so nothing above it"),
+        ("input_layer", "is the input of residual"),
+        ("add_", 'is not a layer of the base model residual. Did you mean "add"?'),
+    ],
+)
+def test_a_cut_that_does_not_split_the_base_is_refused_with_why(cut, says):
+    base = residual_base()
+    if cut == "input_layer":
+        cut = base.layers[0].name
+    with pytest.raises(TLError) as error:
+        finetune.check_cut(base, cut)
+    message = str(error.value)
+    assert message.startswith("fine_tune_cut: ")
+    assert says in message
+    assert "\n" not in message
+    if cut in ("conv_a", "conv_b", "conv_out"):  # the valid cuts nearest it are named
+        assert '"conv_in"' in message or '"add"' in message
+
+
+def test_the_valid_cuts_are_where_one_tensor_joins_the_parts():
+    assert finetune.valid_cuts(residual_base()) == ["conv_in", "add"]
+    base = model.load_base_model(None, SIZE, 0.35)
+    valid = finetune.valid_cuts(base)
+    assert "block_12_add" in valid and "block_12_project_BN" not in valid
+    assert finetune.choose_cut(base, "") == "block_12_add"
+    assert finetune.choose_cut(base, "block_15_add") == "block_15_add"
+    assert finetune.choose_cut(residual_base(), "") is None
+
+
+def test_a_base_without_a_default_cut_trains_the_head_only(tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds", LABELS, train_per_class=3, val_per_class=2)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    classifier = model.build_classifier(tiny_base_model(SIZE), LABELS, SIZE)
+    features = train.compute_features(classifier, train_set, None, SIZE, fine_tune_cut="")
+    assert features.split is None
+    assert 'name the layer to cut at in "fine_tune_cut"' in capsys.readouterr().out
+    assert train.fine_tune(classifier, features, 2, 4) is None
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny run on the real MobileNetV2 (alpha 0.35) cut at its default layer: head, then
+    fine-tuning from the activations in a feature store."""
+    root = make_dataset(tmp_path_factory.mktemp("ds"), LABELS, train_per_class=8, val_per_class=4)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    val_set = dataset.scan_image_folder(root / "validation", LABELS, role="validation")
+    train.setup_tensorflow(0)
+    base = model.load_base_model(None, SIZE, 0.35)
+    classifier = model.build_classifier(base, LABELS, SIZE)
+    loaded = {w.name: w.numpy().copy() for w in classifier.weights}
+    store = tmp_path_factory.mktemp("store")
+    features = train.compute_features(
+        classifier, train_set, val_set, SIZE, cache_dir=store, views=("mirror",), fine_tune_cut=""
+    )
+    pooled_before = np.asarray(features.validation).copy()
+    train.train_head(classifier, features, epochs=5, batch_size=8, learning_rate=0.01, verbose=0)
+    head = {w.name: w.numpy().copy() for w in classifier.weights}
+    history = train.fine_tune(classifier, features, 4, 8, learning_rate=1e-3, verbose=0)
+    return {
+        "classifier": classifier,
+        "base": base,
+        "features": features,
+        "train_set": train_set,
+        "val_set": val_set,
+        "store": store,
+        "loaded": loaded,
+        "head": head,
+        "history": history,
+        "pooled_before": pooled_before,
+        "out": tmp_path_factory.mktemp("out"),
+    }
+
+
+def test_pooled_features_from_activations_are_the_base_features(tuned):
+    """Before fine-tuning, activations -> upper part == the whole base's pooled features."""
+    extractor = model.feature_extractor(
+        model.build_classifier(model.load_base_model(None, SIZE, 0.35), LABELS, SIZE)
+    )
+    direct = predict_images(extractor, tuned["val_set"].paths, SIZE)
+    np.testing.assert_allclose(tuned["pooled_before"], direct, atol=1e-5)
+
+
+def test_fine_tuning_changes_only_the_layers_above_the_cut(tuned):
+    classifier, base, loaded = tuned["classifier"], tuned["base"], tuned["loaded"]
+    names = [layer.name for layer in base.layers]
+    cut = names.index("block_12_add")
+    changed_above = 0
+    for number, layer in enumerate(base.layers):
+        for weight in layer.weights:
+            same = np.array_equal(weight.numpy(), loaded[weight.name])
+            if number <= cut or isinstance(layer, keras.layers.BatchNormalization):
+                assert same, f"{weight.name} changed (below the cut or a BatchNorm)"
+            elif not same:
+                changed_above += 1
+    # Every convolution above the cut moved (4 blocks x 3 + Conv_1), and the head did.
+    assert changed_above == 13
+    for weight in classifier.get_layer(model.PREDICTIONS_LAYER).weights:
+        assert not np.array_equal(weight.numpy(), tuned["head"][weight.name])
+    assert not any(layer.trainable for layer in base.layers)  # the classifier stays frozen
+
+
+def test_activations_are_cached_and_a_rerun_computes_none(tuned, capsys):
+    capsys.readouterr()
+    fresh = model.build_classifier(model.load_base_model(None, SIZE, 0.35), LABELS, SIZE)
+    again = train.compute_features(
+        fresh,
+        tuned["train_set"],
+        tuned["val_set"],
+        SIZE,
+        cache_dir=tuned["store"],
+        views=("mirror",),
+        fine_tune_cut="",
+    )
+    out = capsys.readouterr().out
+    assert "features: 60 images, 60 from cache, 0 computed" in out
+    # 24 training images and their mirrors (the 12 validation images are apart)
+    assert again.train_activations.shape == (48, 2 * 2 * 32)
+
+
+def test_the_saved_fine_tuned_model_is_one_model_on_raw_pixels(tuned):
+    classifier = tuned["classifier"]
+    path = export.save_model(classifier, tuned["out"], LABELS)
+    reloaded = evaluate.load_saved_model(path)
+    assert reloaded.input_shape == (None, SIZE, SIZE, 3)
+    assert [layer.name for layer in reloaded.layers] == [layer.name for layer in classifier.layers]
+    paths = tuned["val_set"].paths
+    np.testing.assert_allclose(
+        predict_images(reloaded, paths, SIZE), predict_images(classifier, paths, SIZE), atol=1e-5
+    )
+    # Evaluation from the fine-tuned features is the full pass's, and is accepted as such.
+    full = evaluate.evaluate_saved_model(path, tuned["val_set"], SIZE)
+    fast = evaluate.evaluate_saved_model(path, tuned["val_set"], SIZE, features=tuned["features"])
+    assert fast["evaluation"]["method"].startswith("saved model's head on the validation features")
+    assert fast["top_1_accuracy"] == full["top_1_accuracy"] >= 0.9
+
+
+def test_fine_tuning_history_has_its_epochs(tuned):
+    history = tuned["history"].history
+    assert len(history["loss"]) == len(history["val_accuracy"]) == 4

@@ -1,0 +1,283 @@
+"""Fine-tuning the top of the base from cached activations.
+
+The base is cut at an internal layer into a lower part, which stays frozen, and an upper part,
+which trains with the head. The lower part's output (the activations at the cut) never changes
+during training, so it is computed once per image and view and kept in the feature store like
+the pooled features; each epoch then runs only the upper part and the head, forward and back.
+BatchNormalization layers above the cut stay in inference mode with their statistics and
+weights as loaded (the Keras transfer-learning guide's recipe), and the layers below the cut
+are never touched. The fine-tuned weights are copied back into the classifier, which stays one
+model taking raw pixels: nothing of the split is visible to the user, MCT or the converter.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from tl_helpers.errors import TLError
+from tl_helpers.model import FEATURES_LAYER, PREDICTIONS_LAYER
+
+keras = tf.keras
+
+# The cut for the Keras MobileNetV2: below its last four inverted-residual blocks (13-16), whose
+# input is 14x14 at 224 px. Chosen by measurement (docs/fine-tuning.md).
+DEFAULT_CUT = "block_12_add"
+FINE_TUNE_DROPOUT = 0.2  # before the head, as in the head-only training
+BATCHES_PER_EXECUTION = 8  # training steps per Keras call (fewer Python round trips)
+
+
+@dataclass
+class Split:
+    """A classifier's base cut in two at the layer `cut`.
+
+    `lower`: raw pixels -> preprocessing -> base up to the cut -> activations, flattened to
+    vectors (the feature store keeps vectors); `upper`: those vectors -> the rest of the base
+    -> the pooled features. Both use the classifier's own layers (they share its weights).
+    """
+
+    cut: str
+    shape: tuple[int, ...]  # the activations' shape per image, e.g. (14, 14, 32)
+    lower: keras.Model
+    upper: keras.Model
+    upper_base: keras.Model  # the base's layers above the cut, from the activations' shape
+
+    @property
+    def size(self) -> int:
+        """Numbers per image and view that the store keeps."""
+        return int(np.prod(self.shape))
+
+
+def base_of(classifier: keras.Model) -> keras.Model:
+    """The base model nested in a classifier from `model.build_classifier`."""
+    pooled = classifier.get_layer(FEATURES_LAYER)
+    layer = pooled._inbound_nodes[0].inbound_layers
+    if not isinstance(layer, keras.Model):
+        raise TLError(
+            f"fine_tune: {classifier.name} has no base model before its {FEATURES_LAYER} "
+            "layer; build it with tl_helpers.model.build_classifier."
+        )
+    return layer
+
+
+def choose_cut(base: keras.Model, cut: str) -> str | None:
+    """The layer to cut at: `cut` when given, else DEFAULT_CUT when the base has it, else None
+    (a base that is not a Keras MobileNetV2 is fine-tuned only at a cut the user names)."""
+    if cut:
+        return cut
+    if DEFAULT_CUT in {layer.name for layer in base.layers}:
+        return DEFAULT_CUT
+    return None
+
+
+def split_for(classifier: keras.Model, cut: str) -> Split | None:
+    """The classifier's split at `cut` ("": the default cut), said in one line; None (also
+    said) for a base with no default cut when none is named."""
+    chosen = choose_cut(base_of(classifier), cut)
+    if chosen is None:
+        print(
+            "fine_tune: the base is not a Keras MobileNetV2, so there is no default cut; name "
+            'the layer to cut at in "fine_tune_cut" to fine-tune it (training the head only).'
+        )
+        return None
+    split = split_classifier(classifier, chosen)
+    print(
+        f"fine_tune: the base is cut after {chosen} (activations {split.shape}); the layers "
+        "above it train with the head"
+    )
+    return split
+
+
+def valid_cuts(base: keras.Model) -> list[str]:
+    """Every layer of `base` whose output alone joins the layers below it to those above."""
+    return [layer.name for layer in base.layers if _cut_problem(base, layer.name)[1] is None]
+
+
+def check_cut(base: keras.Model, cut: str) -> tf.Tensor:
+    """The tensor at which `base` is cut, or a TLError saying why `cut` cannot split it.
+
+    A cut splits the base when every path from its input to its output passes through the
+    cut layer's output: no skip connection jumps over it, and nothing above reads the input.
+    """
+    tensor, problem = _cut_problem(base, cut)
+    if problem is None:
+        return tensor
+    if problem.startswith("!"):  # the name itself is at fault: no other cut to suggest
+        raise TLError(f"fine_tune_cut: {problem[1:]}")
+    raise TLError(f"fine_tune_cut: {problem} {_suggestion(base, cut)}")
+
+
+def _cut_problem(base: keras.Model, cut: str) -> tuple[tf.Tensor | None, str | None]:
+    """(the cut tensor, None), or (None, why `cut` does not split `base`; "!" first when the
+    reason is the name, not where the layer is)."""
+    names = [layer.name for layer in base.layers]
+    if cut not in names:
+        close = difflib.get_close_matches(cut, names, n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        return None, (
+            f'!"{cut}" is not a layer of the base model {base.name}.{hint} '
+            "base_model.summary() lists its layer names."
+        )
+    layer = base.get_layer(cut)
+    if isinstance(layer, keras.layers.InputLayer):
+        return None, (
+            f'"{cut}" is the input of {base.name}; fine-tuning from it would train the whole '
+            "base from the images."
+        )
+    try:
+        tensor = layer.output
+    except (AttributeError, RuntimeError):
+        return None, f'layer "{cut}" of {base.name} is used more than once, not one place.'
+    if isinstance(tensor, (list, tuple)):
+        return None, f'layer "{cut}" of {base.name} has {len(tensor)} outputs, not one.'
+    if any(tensor is output for output in base.outputs):
+        return None, (
+            f'"{cut}" is the last layer of {base.name}, so nothing above it would be fine-tuned.'
+        )
+    below = _ancestors(tensor)
+    reached = False
+    stack = [(output, None) for output in base.outputs]
+    seen: set[int] = set()
+    while stack:
+        current, reader = stack.pop()
+        if current is tensor:
+            reached = True
+            continue
+        if id(current) in below:
+            producer = current._keras_history[0].name
+            return None, (
+                f'cutting {base.name} after "{cut}" does not split it into two parts joined by '
+                f'one tensor: "{reader}" above the cut also reads the output of "{producer}" '
+                "below it (a connection jumps over the cut)."
+            )
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        source, node_index, _ = current._keras_history
+        for parent in _inputs(source, node_index):
+            stack.append((parent, source.name))
+    if not reached:
+        return None, f'layer "{cut}" of {base.name} does not lead to its output.'
+    return tensor, None
+
+
+def split_classifier(classifier: keras.Model, cut: str) -> Split:
+    """Cut the classifier's base at layer `cut` (checked by `check_cut`) into lower and upper."""
+    base = base_of(classifier)
+    tensor = check_cut(base, cut)
+    shape = tuple(int(side) for side in tensor.shape[1:])
+    if any(side is None for side in shape):
+        raise TLError(
+            f'fine_tune_cut: the output of "{cut}" has no fixed shape ({tensor.shape}); cut at '
+            "a layer whose output size is fixed."
+        )
+    size = int(np.prod(shape))
+    # The lower part runs on the classifier's preprocessed pixels, as the base does.
+    source, node_index, _ = (
+        classifier.get_layer(FEATURES_LAYER)._inbound_nodes[0].keras_inputs[0]._keras_history
+    )
+    pixels = _inputs(source, node_index)[0]
+    below = keras.Model(base.inputs, tensor, name=f"{base.name}_to_{cut}")
+    flat = keras.layers.Reshape((size,), name="activations")(below(pixels, training=False))
+    lower = keras.Model(classifier.inputs, flat, name="lower")
+    upper_base = keras.Model(tensor, base.outputs[0], name=f"{base.name}_above_{cut}")
+    upper = _upper_model(upper_base, shape, classifier.get_layer(FEATURES_LAYER))
+    return Split(cut, shape, lower, upper, upper_base)
+
+
+def _upper_model(
+    upper_base: keras.Model, shape: tuple[int, ...], pooling: keras.layers.Layer
+) -> keras.Model:
+    """Flattened activations -> the base above the cut (inference mode) -> pooled features."""
+    inputs = keras.Input(shape=(int(np.prod(shape)),), name="activations")
+    x = keras.layers.Reshape(shape)(inputs)
+    x = upper_base(x, training=False)
+    return keras.Model(inputs, pooling(x), name="upper")
+
+
+def pooled_features(split: Split, activations, batch_size: int = 256) -> np.ndarray:
+    """The pooled base features of stored activations (rows in order), in batches."""
+    run = tf.function(split.upper, reduce_retracing=True)
+    out = np.empty((len(activations), split.upper.output_shape[-1]), dtype=np.float32)
+    for start in range(0, len(activations), batch_size):
+        batch = np.asarray(activations[start : start + batch_size], dtype=np.float32)
+        out[start : start + len(batch)] = run(batch, training=False).numpy()
+    return out
+
+
+def fine_tune_model(classifier: keras.Model, split: Split) -> keras.Model:
+    """A trainable copy of the base above the cut plus the head, on flattened activations.
+
+    A copy, so that it can be built in a distribution strategy's scope: its weights start as
+    the classifier's and go back with `copy_back`. BatchNormalization layers are frozen (not
+    trainable, which in Keras also keeps them in inference mode); every other layer above the
+    cut trains.
+    """
+    upper_base = keras.models.clone_model(split.upper_base)
+    upper_base.set_weights(split.upper_base.get_weights())
+    for layer in upper_base.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    inputs = keras.Input(shape=(split.size,), name="activations")
+    x = keras.layers.Reshape(split.shape)(inputs)
+    x = upper_base(x)
+    head = classifier.get_layer(PREDICTIONS_LAYER)
+    x = keras.layers.GlobalAveragePooling2D()(x) if len(x.shape) == 4 else x
+    x = keras.layers.Dropout(FINE_TUNE_DROPOUT)(x)
+    dense = keras.layers.Dense(head.units, activation="softmax", name=PREDICTIONS_LAYER)
+    outputs = dense(x)
+    dense.set_weights(head.get_weights())
+    return keras.Model(inputs, outputs, name="fine_tune")
+
+
+def copy_back(classifier: keras.Model, split: Split, trained: keras.Model) -> None:
+    """Copy the fine-tuned weights into the classifier's base above the cut and its head."""
+    copy = next(layer for layer in trained.layers if isinstance(layer, keras.Model))
+    for original, tuned in zip(split.upper_base.layers, copy.layers, strict=True):
+        if original.weights:
+            original.set_weights(tuned.get_weights())
+    classifier.get_layer(PREDICTIONS_LAYER).set_weights(
+        trained.get_layer(PREDICTIONS_LAYER).get_weights()
+    )
+
+
+def steps_per_execution(rows: int, batch_size: int) -> int:
+    """Training steps per Keras call: a few, never more than an epoch."""
+    return max(1, min(BATCHES_PER_EXECUTION, math.ceil(rows / batch_size)))
+
+
+def _ancestors(tensor) -> set[int]:
+    """ids of `tensor` and every tensor it is computed from."""
+    found: set[int] = set()
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        if id(current) in found:
+            continue
+        found.add(id(current))
+        source, node_index, _ = current._keras_history
+        stack.extend(_inputs(source, node_index))
+    return found
+
+
+def _inputs(layer: keras.layers.Layer, node_index: int) -> list:
+    """The tensors a layer read at one of its calls (none for an InputLayer)."""
+    if isinstance(layer, keras.layers.InputLayer):
+        return []
+    return list(tf.nest.flatten(layer._inbound_nodes[node_index].keras_inputs))
+
+
+def _suggestion(base: keras.Model, cut: str) -> str:
+    """Name the valid cuts nearest to `cut` in the base's layer order."""
+    names = [layer.name for layer in base.layers]
+    valid = valid_cuts(base)
+    if not valid:
+        return f"{base.name} has no layer that splits it so; set fine_tune to false."
+    where = names.index(cut)
+    below = [name for name in valid if names.index(name) < where]
+    above = [name for name in valid if names.index(name) > where]
+    near = [*below[-1:], *above[:1]]
+    return "Cut at " + " or ".join(f'"{name}"' for name in near) + " instead."
