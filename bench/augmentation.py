@@ -99,12 +99,13 @@ def top1(classifier, features) -> float:
     return float((predicted == features.validation_ids).mean())
 
 
-def quantized_top1(classifier, train, validation, out: Path) -> dict[str, float]:
+def quantized_top1(classifier, train, validation, out: Path, batches: int = 10) -> dict[str, float]:
     """Quantized .keras and int8 .tflite Top-1 on every validation image, quantized as
-    bench/calibration.py does (500 calibration images in batches of 50, seed 0)."""
+    bench/calibration.py does (`batches` x 50 calibration images, seed 0; 10 = 500 images,
+    the notebook's default is 4)."""
     import tl_helpers as tl
 
-    paths = tl.calibration.calibration_paths(train, 50, 10, 0)
+    paths = tl.calibration.calibration_paths(train, 50, batches, 0)
     data = tl.calibration.CalibrationData(paths, 224, 50)
     quantized = tl.quantize.quantize_model(classifier, data)
     with tempfile.TemporaryDirectory(dir=out) as work:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("result", type=Path)
     parser.add_argument("--logical-cpus", type=int, default=0)
+    parser.add_argument(
+        "--die-after-features", action="store_true", help="stand in for a lost worker"
+    )
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -64,6 +68,8 @@ def main() -> None:
         distribution=distribution,
         fine_tune_cut=cfg.fine_tune_cut if cfg.fine_tune else None,
     )
+    if args.die_after_features:
+        os._exit(3)  # as a machine that goes away: no clean-up, no goodbye to the others
     # The features as the pass gave them (fine-tuning recomputes the validation ones).
     train_features = np.asarray(features.train).tolist()
     validation_features = np.asarray(features.validation).tolist()

@@ -251,6 +251,49 @@ def test_two_workers_share_the_features_train_together_and_only_the_chief_writes
     assert not Path(other["output_dir"]).is_relative_to(folder)
 
 
+@pytest.mark.distributed
+def test_a_lost_worker_stops_the_others_with_one_line_saying_what_to_do(folder):
+    clear_outputs(folder)
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    results = [folder / f"lost{index}.json" for index in (0, 1)]
+    processes = [
+        start(folder, results[0], environ=tf_config(workers, index=0)),
+        start(folder, results[1], "--die-after-features", environ=tf_config(workers, index=1)),
+    ]
+    try:
+        for process in processes:
+            process.wait(timeout=RUN_TIMEOUT)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.log.close()
+    chief_log = results[0].with_suffix(".log").read_text()
+    assert processes[1].returncode == 3
+    assert processes[0].returncode != 0, chief_log[-3000:]
+    last = chief_log.strip().splitlines()[-1]
+    assert last.startswith("tl_helpers.errors.TLError: Worker 0 of 2, "), chief_log[-3000:]
+    assert "another worker stopped or cannot be reached" in last
+    assert "start the notebook again on every machine" in last
+    assert not (folder / "out" / "model" / "saved_model").exists()  # the chief wrote nothing
+
+
+def test_other_errors_and_a_process_alone_keep_their_own_error():
+    alone = distribute.Distribution(strategy=None)
+    cluster = distribute.Distribution(strategy=None, num_workers=2, worker_index=1)
+    lost = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: heartbeat")
+    with pytest.raises(tf.errors.UnavailableError):
+        with distribute.lost_worker_errors(alone, "training"):
+            raise lost
+    with pytest.raises(ValueError):
+        with distribute.lost_worker_errors(cluster, "training"):
+            raise ValueError("not a collective")
+    with pytest.raises(TLError, match="Worker 1 of 2, training: another worker stopped"):
+        with distribute.lost_worker_errors(cluster, "training"):
+            raise lost
+
+
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.distributed

@@ -19,12 +19,13 @@ so `run_notebook`'s parent process uses it without importing TensorFlow.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -110,7 +111,8 @@ class Distribution:
             per_replica = strategy.run(lambda: tf.constant(mine, tf.float64))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-        return int(round(float(agree())))
+        with lost_worker_errors(self, "waiting for the other workers"):
+            return int(round(float(agree())))
 
     def describe(self) -> str:
         """One line for the notebook, e.g. "MirroredStrategy: 2 replicas, backbone batch 128"."""
@@ -121,6 +123,38 @@ class Distribution:
         if self.devices:
             line += f", backbone on {len(self.devices)} device(s)"
         return line + f", backbone batch {self.backbone_batch_size}"
+
+
+# What TensorFlow raises on a worker when another stops or cannot be reached during a
+# collective (its health check aborts the collectives: "Collective ops is aborted by: ...").
+_LOST_WORKER_ERRORS = (
+    "UnavailableError",
+    "DeadlineExceededError",
+    "CancelledError",
+    "AbortedError",
+)
+
+
+@contextlib.contextmanager
+def lost_worker_errors(distribution: Distribution | None, step: str) -> Iterator[None]:
+    """Turn TensorFlow's error for a lost worker, in a multi-worker run, into one TLError line
+    saying what happened and what to do; any other error, or one process alone, is unchanged."""
+    try:
+        yield
+    except Exception as err:
+        lost = type(err).__name__ in _LOST_WORKER_ERRORS and type(err).__module__.startswith(
+            "tensorflow"
+        )
+        if not lost or distribution is None or distribution.num_workers < 2:
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TLError(
+            f"Worker {distribution.worker_index} of {distribution.num_workers}, {step}: another "
+            f"worker stopped or cannot be reached ({type(err).__name__}: {detail[:200]}). A "
+            "multi-worker run needs every worker until its end: start the notebook again on "
+            "every machine, TF_CONFIG unchanged; the features already in the shared store are "
+            "reused."
+        ) from err
 
 
 def strategy_name(strategy: Any) -> str:

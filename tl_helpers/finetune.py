@@ -13,6 +13,7 @@ model taking raw pixels: nothing of the split is visible to the user, MCT or the
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,12 @@ class Split:
     def size(self) -> int:
         """Numbers per image and view that the store keeps."""
         return int(np.prod(self.shape))
+
+    @functools.cached_property
+    def pool(self):
+        """`upper` in inference mode as one traced function, for batches of any size."""
+        spec = tf.TensorSpec([None, self.size], tf.float32)
+        return tf.function(lambda x: self.upper(x, training=False), input_signature=[spec])
 
 
 def base_of(classifier: keras.Model) -> keras.Model:
@@ -201,11 +208,10 @@ def _upper_model(
 
 def pooled_features(split: Split, activations, batch_size: int = 256) -> np.ndarray:
     """The pooled base features of stored activations (rows in order), in batches."""
-    run = tf.function(split.upper, reduce_retracing=True)
     out = np.empty((len(activations), split.upper.output_shape[-1]), dtype=np.float32)
     for start in range(0, len(activations), batch_size):
         batch = np.asarray(activations[start : start + batch_size], dtype=np.float32)
-        out[start : start + len(batch)] = run(batch, training=False).numpy()
+        out[start : start + len(batch)] = split.pool(batch).numpy()
     return out
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tl_helpers import cache, finetune
 from tl_helpers.dataset import ImageFolder
-from tl_helpers.distribute import Distribution
+from tl_helpers.distribute import Distribution, lost_worker_errors
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
 from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
@@ -249,13 +249,14 @@ def train_head(
             max(batch_size, VALIDATION_BATCH_SIZE),
             shuffle=False,
         )
-    history = head.fit(
-        training,
-        epochs=epochs,
-        validation_data=validation_data,
-        verbose=verbose,
-        callbacks=callbacks,
-    )
+    with lost_worker_errors(distribution, "training the head"):
+        history = head.fit(
+            training,
+            epochs=epochs,
+            validation_data=validation_data,
+            verbose=verbose,
+            callbacks=callbacks,
+        )
     set_head_weights(classifier, head)
     return history
 
@@ -317,13 +318,14 @@ def fine_tune(
             max(batch_size, 256),
             shuffle=False,
         )
-    history = model.fit(
-        training,
-        epochs=epochs,
-        validation_data=validation_data,
-        verbose=verbose,
-        callbacks=callbacks,
-    )
+    with lost_worker_errors(distribution, "fine-tuning"):
+        history = model.fit(
+            training,
+            epochs=epochs,
+            validation_data=validation_data,
+            verbose=verbose,
+            callbacks=callbacks,
+        )
     finetune.copy_back(classifier, split, model)
     if features.validation_activations is not None:
         features.validation = finetune.pooled_features(split, features.validation_activations)
