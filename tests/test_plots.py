@@ -436,6 +436,8 @@ def test_headless_notebook_run_produces_every_figure(tiny_notebook_run):
     results = json.loads((tmp_path / "out" / "evaluation" / "results.json").read_text())
     assert {"top_1_accuracy", "per_class", "confusion_matrix", "misclassified"} <= set(results)
     assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
+    # fine-tuning's epochs are a run of their own beside the head's
+    assert list((tmp_path / "out" / "tensorboard" / "fine_tune").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -413,14 +413,16 @@ def accuracy_comparison_figure(accuracies: Mapping[str, float | None]) -> Figure
 # --------------------------------------------------------------------------- TensorBoard
 
 
-def tensorboard_callbacks(log_dir: str | Path | None) -> list:
-    """A Keras TensorBoard callback writing to `log_dir`, or none when it is empty (off)."""
+def tensorboard_callbacks(log_dir: str | Path | None, run: str = "") -> list:
+    """A Keras TensorBoard callback writing to `log_dir` (in its sub-folder `run`, e.g.
+    "fine_tune", so that a second training's epochs are a run of their own), or none when
+    `log_dir` is empty (off)."""
     if not log_dir:
         return []
     import tensorflow as tf
 
     print(f"TensorBoard logs: {log_dir}  (view them with: tensorboard --logdir {log_dir})")
-    return [tf.keras.callbacks.TensorBoard(log_dir=str(log_dir))]
+    return [tf.keras.callbacks.TensorBoard(log_dir=str(Path(log_dir) / run) if run else log_dir)]
 
 
 # --------------------------------------------------------------------------- helpers
