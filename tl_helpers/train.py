@@ -221,35 +221,35 @@ def train_head(
     """
     num_classes = classifier.output_shape[-1]
     batch_size = check_batch_size(batch_size, len(features.train))
-    strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
-    with strategy.scope():
-        head = build_head(features.train.shape[1], num_classes)
-        head.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            # A head step takes microseconds, so Keras's per-step Python overhead dominated: run
-            # a whole epoch's steps in one call (same batches, same updates, same model).
-            steps_per_execution=math.ceil(len(features.train) / batch_size),
-        )
-    # Workers shard the batches of one dataset, so they must shuffle alike: the chief's seed.
-    seed = np.random.randint(2**31)
-    if distribution is not None:
-        seed = distribution.same_on_all_workers(seed)
-    training = feature_dataset(
-        features.train, features.train_ids, batch_size, shuffle=True, seed=seed
-    )
-    validation_data = None
-    if features.validation is not None:
-        # Validation only measures, so its batch size does not change the model (the metrics
-        # are means over images); large batches take fewer steps.
-        validation_data = feature_dataset(
-            features.validation,
-            features.validation_ids,
-            max(batch_size, VALIDATION_BATCH_SIZE),
-            shuffle=False,
-        )
     with lost_worker_errors(distribution, "training the head"):
+        strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
+        with strategy.scope():
+            head = build_head(features.train.shape[1], num_classes)
+            head.compile(
+                optimizer=keras.optimizers.Adam(learning_rate),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                # A head step takes microseconds, so Keras's per-step Python overhead dominated: run
+                # a whole epoch's steps in one call (same batches, same updates, same model).
+                steps_per_execution=math.ceil(len(features.train) / batch_size),
+            )
+        # Workers shard the batches of one dataset, so they must shuffle alike: the chief's seed.
+        seed = np.random.randint(2**31)
+        if distribution is not None:
+            seed = distribution.same_on_all_workers(seed)
+        training = feature_dataset(
+            features.train, features.train_ids, batch_size, shuffle=True, seed=seed
+        )
+        validation_data = None
+        if features.validation is not None:
+            # Validation only measures, so its batch size does not change the model (the metrics
+            # are means over images); large batches take fewer steps.
+            validation_data = feature_dataset(
+                features.validation,
+                features.validation_ids,
+                max(batch_size, VALIDATION_BATCH_SIZE),
+                shuffle=False,
+            )
         history = head.fit(
             training,
             epochs=epochs,
@@ -278,10 +278,10 @@ def fine_tune(
     The Keras transfer-learning guide's second step: a low learning rate, BatchNormalization
     frozen in inference mode, the layers below the cut untouched. With `decay`, the learning
     rate falls from `learning_rate` to 0 along a cosine over the epochs, so the last epoch's
-    weights, the ones kept, come from small steps. Returns None (and changes
-    nothing) when `features` has no cut (fine-tuning off, or no cut for this base). The
-    validation rows' pooled features are then recomputed with the fine-tuned layers, so that
-    evaluation from features sees the saved model's own base.
+    weights, the ones kept, come from small steps. Returns None (and changes nothing) when
+    `features` has no cut (fine-tuning off, or no cut for this base). The validation rows'
+    pooled features are then recomputed with the fine-tuned layers, so that evaluation from
+    features sees the saved model's own base.
     """
     split = features.split
     if split is None or epochs == 0:
@@ -289,36 +289,39 @@ def fine_tune(
     rows = len(features.train_activations)
     batch_size = check_batch_size(batch_size, rows)
     strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
-    steps = epochs * math.ceil(rows / batch_size)
-    rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if decay else learning_rate
-    with strategy.scope():
-        model = finetune.fine_tune_model(classifier, split)
-        model.compile(
-            optimizer=keras.optimizers.Adam(rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            steps_per_execution=finetune.steps_per_execution(rows, batch_size),
-        )
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    print(
-        f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} training "
-        f"rows, {epochs} epochs, learning rate {learning_rate:g}"
-    )
-    seed = np.random.randint(2**31)
-    if distribution is not None:
-        seed = distribution.same_on_all_workers(seed)
-    training = feature_dataset(
-        features.train_activations, features.train_ids, batch_size, shuffle=True, seed=seed
-    )
-    validation_data = None
-    if features.validation_activations is not None:
-        validation_data = feature_dataset(
-            features.validation_activations,
-            features.validation_ids,
-            max(batch_size, 256),
-            shuffle=False,
-        )
     with lost_worker_errors(distribution, "fine-tuning"):
+        steps = epochs * math.ceil(rows / batch_size)
+        rate = learning_rate
+        if decay:
+            rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+        with strategy.scope():
+            model = finetune.fine_tune_model(classifier, split)
+            model.compile(
+                optimizer=keras.optimizers.Adam(rate),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                steps_per_execution=finetune.steps_per_execution(rows, batch_size),
+            )
+        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        print(
+            f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} "
+            f"training rows, {epochs} epochs, learning rate {learning_rate:g}"
+            + (" falling to 0 (cosine)" if decay else "")
+        )
+        seed = np.random.randint(2**31)
+        if distribution is not None:
+            seed = distribution.same_on_all_workers(seed)
+        training = feature_dataset(
+            features.train_activations, features.train_ids, batch_size, shuffle=True, seed=seed
+        )
+        validation_data = None
+        if features.validation_activations is not None:
+            validation_data = feature_dataset(
+                features.validation_activations,
+                features.validation_ids,
+                max(batch_size, 256),
+                shuffle=False,
+            )
         history = model.fit(
             training,
             epochs=epochs,
