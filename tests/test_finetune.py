@@ -171,3 +171,21 @@ def test_the_saved_fine_tuned_model_is_one_model_on_raw_pixels(tuned):
 def test_fine_tuning_history_has_its_epochs(tuned):
     history = tuned["history"].history
     assert len(history["loss"]) == len(history["val_accuracy"]) == 4
+
+
+def test_a_named_cut_fine_tunes_a_users_base_and_the_head_can_train_again(tmp_path):
+    """A base of the user's own, cut where they name it; the head cell run again after
+    fine-tuning trains on the pooled features of the fine-tuned base, not the stale ones."""
+    root = make_dataset(tmp_path / "ds", LABELS, train_per_class=3, val_per_class=1)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
+    features = train.compute_features(classifier, train_set, None, SIZE, fine_tune_cut="add")
+    assert features.split.cut == "add" and features.split.shape == (16, 16, 8)
+    before = classifier.get_layer("residual").get_layer("conv_out").get_weights()[0].copy()
+    train.train_head(classifier, features, 2, 4, verbose=0)
+    assert train.fine_tune(classifier, features, 2, 4, learning_rate=0.01, verbose=0)
+    after = classifier.get_layer("residual").get_layer("conv_out").get_weights()[0]
+    assert not np.array_equal(before, after)
+    train.train_head(classifier, features, 1, 4, verbose=0)
+    direct = predict_images(model.feature_extractor(classifier), train_set.paths, SIZE)
+    np.testing.assert_allclose(np.asarray(features.train), direct, atol=1e-5)

@@ -50,6 +50,7 @@ class Features:
     split: finetune.Split | None = None
     train_activations: np.ndarray | StoredFeatures | None = None
     validation_activations: np.ndarray | StoredFeatures | None = None
+    train_is_stale: bool = False  # fine-tuned since `train` was pooled (see train_head)
 
 
 def setup_tensorflow(seed: int = 0) -> None:
@@ -220,6 +221,9 @@ def train_head(
     their weights in step; with several workers, every worker must call this together.
     """
     num_classes = classifier.output_shape[-1]
+    if features.train_is_stale:  # the head cell run again after fine-tuning: pool anew
+        features.train = finetune.pooled_features(features.split, features.train_activations)
+        features.train_is_stale = False
     batch_size = check_batch_size(batch_size, len(features.train))
     with lost_worker_errors(distribution, "training the head"):
         strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
@@ -330,6 +334,7 @@ def fine_tune(
             callbacks=callbacks,
         )
     finetune.copy_back(classifier, split, model)
+    features.train_is_stale = True
     if features.validation_activations is not None:
         features.validation = finetune.pooled_features(split, features.validation_activations)
         features.model_key = cache.describable_key(
