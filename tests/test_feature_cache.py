@@ -717,7 +717,7 @@ def test_head_trains_from_the_store_a_batch_at_a_time(data, tmp_path, monkeypatc
         history = train.train_head(
             classifier, features, epochs=30, batch_size=4, learning_rate=0.05, verbose=0
         )
-    assert gathered and max(gathered) <= train.GATHER_ROWS
+    assert gathered and max(gathered) <= train.gather_rows(features.train.shape[1])
     assert sum(gathered) == 30 * (12 + 6)  # every epoch: 12 training and 6 validation images
     loss = history.history["loss"]
     assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:5])
