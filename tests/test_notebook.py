@@ -192,6 +192,9 @@ def test_end_to_end_on_real_photos_with_bundled_weights(tmp_path):
     assert results["num_images"] == 40
     assert results["top_1_accuracy"] >= 0.6
     assert config["quantize"]  # the bundled default quantizes and converts for the IMX500
+    # ... a fine-tuned model: fine-tuning is on by default
+    executed = _outputs_text(nbformat.read(tmp_path / "executed.ipynb", as_version=4))
+    assert "the base is cut after block_12_add" in executed and "Fine-tuning" in executed
     assert results["quantized_keras_top_1_accuracy"] >= 0.6
     assert results["quantized_tflite_top_1_accuracy"] >= 0.6
     imx500 = tmp_path / config["output_dir"] / "imx500"
