@@ -28,9 +28,10 @@ from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
 keras = tf.keras
 
 VALIDATION_BATCH_SIZE = 512
-# Bytes of features read from the store per Python call while training: about 3,300 rows of
-# pooled MobileNetV2 features (1,280 float32), 670 rows of activations at block_12_add.
-GATHER_BYTES = 16 * 2**20
+# Bytes of features read from the store per Python call while training: about 410 rows of
+# pooled MobileNetV2 features (1,280 float32), 83 of activations at block_12_add. Larger
+# blocks saved no time and raised the peak memory (docs/performance.md).
+GATHER_BYTES = 2 * 2**20
 
 
 @dataclass
