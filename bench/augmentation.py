@@ -183,19 +183,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.datasets:
-        rows += run_dataset(name, args)
+def save_rows(args: argparse.Namespace, rows: list[dict], markdown: str) -> None:
+    """Write the rows (with the machine and the arguments) to OUT/--json-name; print the table."""
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "arguments": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
     }
     (args.out / args.json_name).write_text(json.dumps(result, indent=2))
-    print(table(rows))
+    print(markdown)
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.datasets:
+        rows += run_dataset(name, args)
+    save_rows(args, rows, table(rows))
 
 
 if __name__ == "__main__":

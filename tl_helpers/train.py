@@ -28,6 +28,7 @@ from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
 keras = tf.keras
 
 VALIDATION_BATCH_SIZE = 512
+FINE_TUNE_VALIDATION_BATCH_SIZE = 256  # rows of activations are 5x wider than pooled features
 # Bytes of features read from the store per Python call while training: about 410 rows of
 # pooled MobileNetV2 features (1,280 float32), 83 of activations at block_12_add. Larger
 # blocks saved no time and raised the peak memory (docs/performance.md).
@@ -240,29 +241,16 @@ def train_head(
                 # a whole epoch's steps in one call (same batches, same updates, same model).
                 steps_per_execution=math.ceil(len(features.train) / batch_size),
             )
-        # Workers shard the batches of one dataset, so they must shuffle alike: the chief's seed.
-        seed = np.random.randint(2**31)
-        if distribution is not None:
-            seed = distribution.same_on_all_workers(seed)
-        training = feature_dataset(
-            features.train, features.train_ids, batch_size, shuffle=True, seed=seed
-        )
-        validation_data = None
-        if features.validation is not None:
-            # Validation only measures, so its batch size does not change the model (the metrics
-            # are means over images); large batches take fewer steps.
-            validation_data = feature_dataset(
-                features.validation,
-                features.validation_ids,
-                max(batch_size, VALIDATION_BATCH_SIZE),
-                shuffle=False,
-            )
-        history = head.fit(
-            training,
-            epochs=epochs,
-            validation_data=validation_data,
-            verbose=verbose,
-            callbacks=callbacks,
+        history = _fit(
+            head,
+            (features.train, features.train_ids),
+            (features.validation, features.validation_ids),
+            batch_size,
+            VALIDATION_BATCH_SIZE,
+            epochs,
+            verbose,
+            callbacks,
+            distribution,
         )
     set_head_weights(classifier, head)
     return history
@@ -315,26 +303,16 @@ def fine_tune(
             f"training rows, {epochs} epochs, learning rate {learning_rate:g}"
             + (" falling to 0 (cosine)" if decay else "")
         )
-        seed = np.random.randint(2**31)
-        if distribution is not None:
-            seed = distribution.same_on_all_workers(seed)
-        training = feature_dataset(
-            features.train_activations, features.train_ids, batch_size, shuffle=True, seed=seed
-        )
-        validation_data = None
-        if features.validation_activations is not None:
-            validation_data = feature_dataset(
-                features.validation_activations,
-                features.validation_ids,
-                max(batch_size, 256),
-                shuffle=False,
-            )
-        history = model.fit(
-            training,
-            epochs=epochs,
-            validation_data=validation_data,
-            verbose=verbose,
-            callbacks=callbacks,
+        history = _fit(
+            model,
+            (features.train_activations, features.train_ids),
+            (features.validation_activations, features.validation_ids),
+            batch_size,
+            FINE_TUNE_VALIDATION_BATCH_SIZE,
+            epochs,
+            verbose,
+            callbacks,
+            distribution,
         )
     finetune.copy_back(classifier, split, model)
     features.train_is_stale = True
@@ -344,6 +322,40 @@ def fine_tune(
             feature_extractor(classifier), classifier.input_shape[1]
         )
     return history
+
+
+def _fit(
+    model: keras.Model,
+    train: tuple,
+    validation: tuple,
+    batch_size: int,
+    validation_batch_size: int,
+    epochs: int,
+    verbose: int,
+    callbacks: list | None,
+    distribution: Distribution | None,
+) -> keras.callbacks.History:
+    """Keras `fit` of a compiled model on (rows, class ids) read from the store in batches;
+    `validation` rows None: no validation."""
+    # Workers shard the batches of one dataset, so they must shuffle alike: the chief's seed.
+    seed = np.random.randint(2**31)
+    if distribution is not None:
+        seed = distribution.same_on_all_workers(seed)
+    training = feature_dataset(*train, batch_size, shuffle=True, seed=seed)
+    validation_data = None
+    if validation[0] is not None:
+        # Validation only measures, so its batch size does not change the model (the metrics
+        # are means over images); large batches take fewer steps.
+        validation_data = feature_dataset(
+            *validation, max(batch_size, validation_batch_size), shuffle=False
+        )
+    return model.fit(
+        training,
+        epochs=epochs,
+        validation_data=validation_data,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
 
 
 def gather_rows(dim: int) -> int:
