@@ -176,12 +176,12 @@ def split_classifier(classifier: keras.Model, cut: str) -> Split:
     """Cut the classifier's base at layer `cut` (checked by `check_cut`) into lower and upper."""
     base = base_of(classifier)
     tensor = check_cut(base, cut)
-    shape = tuple(int(side) for side in tensor.shape[1:])
-    if any(side is None for side in shape):
+    if any(side is None for side in tensor.shape[1:]):
         raise TLError(
             f'fine_tune_cut: the output of "{cut}" has no fixed shape ({tensor.shape}); cut at '
             "a layer whose output size is fixed."
         )
+    shape = tuple(int(side) for side in tensor.shape[1:])
     size = int(np.prod(shape))
     # The lower part runs on the classifier's preprocessed pixels, as the base does.
     source, node_index, _ = (
