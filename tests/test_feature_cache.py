@@ -778,7 +778,13 @@ def test_features_a_notebook_kernel_cached_are_found_in_another_process(
         cfg.preprocessing,
     )
     capsys.readouterr()
-    train.compute_features(
-        classifier, train_set, val_set, cfg.input_tensor_size, cache_dir=cache_dir
+    train.compute_features(  # as the notebook calls it: its views and its fine-tuning cut
+        classifier,
+        train_set,
+        val_set,
+        cfg.input_tensor_size,
+        cache_dir=cache_dir,
+        views=augment.views_of(cfg.augmentation),
+        fine_tune_cut=cfg.fine_tune_cut if cfg.fine_tune else None,
     )
-    assert "features: 36 images, 36 from cache, 0 computed" in capsys.readouterr().out
+    assert f"features: {rows} images, {rows} from cache, 0 computed" in capsys.readouterr().out
