@@ -628,13 +628,22 @@ def test_require_setting_unknown_key(project: Path) -> None:
         require_setting(config, "epoch")
 
 
-def test_readme_lists_every_key_as_the_schema_describes_it():
-    """The README's key table is the schema's (regenerate: python -m tl_helpers.config)."""
-    from tl_helpers.config import SETTING_KEYS, markdown_table
+def test_docs_list_every_key_as_the_schema_describes_it():
+    """docs/configuration.md's key table is the schema's (regenerate: python -m
+    tl_helpers.config), and the README's Configuration section names every key, the required
+    ones in bold."""
+    from tl_helpers.config import _SCHEMA, SETTING_KEYS, markdown_table
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    root = Path(__file__).parents[1]
+    docs = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
     begin, end = "<!-- configuration keys: begin -->\n", "\n<!-- configuration keys: end -->"
-    table = readme[readme.index(begin) + len(begin) : readme.index(end)]
+    table = docs[docs.index(begin) + len(begin) : docs.index(end)]
     assert table == markdown_table()
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
     for key in SETTING_KEYS:
         assert f"| `{key}` |" in table
+        bold = f"**`{key}`**" in section
+        assert f"`{key}`" in section, f"README's Configuration section does not name {key}"
+        assert bold == (key in _SCHEMA["required"]), f"{key}: bold in the README iff required"

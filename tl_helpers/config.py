@@ -612,7 +612,7 @@ def _default_file_problem(key: str, path: Path) -> str | None:
 
 
 def markdown_table() -> str:
-    """Every configuration key as a Markdown table, from the schema (the README's key list)."""
+    """Every configuration key as a Markdown table, from the schema (docs/configuration.md)."""
     required = set(_SCHEMA.get("required", []))
     rows = ["| key | required / default | allowed values | what it does |", "|---|---|---|---|"]
     for key, prop in _PROPERTIES.items():
@@ -626,5 +626,5 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m tl_helpers.config: print the key table for the README
+if __name__ == "__main__":  # python -m tl_helpers.config: the key table of docs/configuration.md
     print(markdown_table())
