@@ -194,13 +194,17 @@ def save_rows(args: argparse.Namespace, rows: list[dict], markdown: str) -> None
     print(markdown)
 
 
-def main() -> None:
-    args = parse_args()
+def run_all(args: argparse.Namespace, run_dataset, table) -> None:
+    """Run `run_dataset(name, args)` for each dataset, then save the rows and print the table."""
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.datasets:
         rows += run_dataset(name, args)
     save_rows(args, rows, table(rows))
+
+
+def main() -> None:
+    run_all(parse_args(), run_dataset, table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from augmentation import DATASETS, load_sets, quantized_top1, save_rows, top1  # beside this
+from augmentation import DATASETS, load_sets, quantized_top1, run_all, top1  # beside this
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,12 +175,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.datasets:
-        rows += run_dataset(name, args)
-    save_rows(args, rows, table(rows))
+    run_all(parse_args(), run_dataset, table)
 
 
 if __name__ == "__main__":

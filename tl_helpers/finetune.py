@@ -110,25 +110,22 @@ def check_cut(base: keras.Model, cut: str) -> tf.Tensor:
     A cut splits the base when every path from its input to its output passes through the
     cut layer's output: no skip connection jumps over it, and nothing above reads the input.
     """
+    names = [layer.name for layer in base.layers]
+    if cut not in names:  # the name is at fault, not where the layer is: no cut to suggest
+        close = difflib.get_close_matches(cut, names, n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        raise TLError(
+            f'fine_tune_cut: "{cut}" is not a layer of the base model {base.name}.{hint} '
+            "base_model.summary() lists its layer names."
+        )
     tensor, problem = _cut_problem(base, cut)
     if problem is None:
         return tensor
-    if problem.startswith("!"):  # the name itself is at fault: no other cut to suggest
-        raise TLError(f"fine_tune_cut: {problem[1:]}")
     raise TLError(f"fine_tune_cut: {problem} {_suggestion(base, cut)}")
 
 
 def _cut_problem(base: keras.Model, cut: str) -> tuple[tf.Tensor | None, str | None]:
-    """(the cut tensor, None), or (None, why `cut` does not split `base`; "!" first when the
-    reason is the name, not where the layer is)."""
-    names = [layer.name for layer in base.layers]
-    if cut not in names:
-        close = difflib.get_close_matches(cut, names, n=1)
-        hint = f' Did you mean "{close[0]}"?' if close else ""
-        return None, (
-            f'!"{cut}" is not a layer of the base model {base.name}.{hint} '
-            "base_model.summary() lists its layer names."
-        )
+    """(the cut tensor, None), or (None, why the layer `cut` of `base` does not split it)."""
     layer = base.get_layer(cut)
     if isinstance(layer, keras.layers.InputLayer):
         return None, (

@@ -230,17 +230,14 @@ def train_head(
         features.train_is_stale = False
     batch_size = check_batch_size(batch_size, len(features.train))
     with lost_worker_errors(distribution, "training the head"):
-        strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
-        with strategy.scope():
-            head = build_head(features.train.shape[1], num_classes)
-            head.compile(
-                optimizer=keras.optimizers.Adam(learning_rate),
-                loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
-                # A head step takes microseconds, so Keras's per-step Python overhead dominated: run
-                # a whole epoch's steps in one call (same batches, same updates, same model).
-                steps_per_execution=math.ceil(len(features.train) / batch_size),
-            )
+        head = _compiled(
+            lambda: build_head(features.train.shape[1], num_classes),
+            learning_rate,
+            # A head step takes microseconds, so Keras's per-step Python overhead dominated: run
+            # a whole epoch's steps in one call (same batches, same updates, same model).
+            math.ceil(len(features.train) / batch_size),
+            distribution,
+        )
         history = _fit(
             head,
             (features.train, features.train_ids),
@@ -283,20 +280,17 @@ def fine_tune(
         return None
     rows = len(features.train_activations)
     batch_size = check_batch_size(batch_size, rows)
-    strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
     with lost_worker_errors(distribution, "fine-tuning"):
         steps = epochs * math.ceil(rows / batch_size)
         rate = learning_rate
         if decay:
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-        with strategy.scope():
-            model = finetune.fine_tune_model(classifier, split)
-            model.compile(
-                optimizer=keras.optimizers.Adam(rate),
-                loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
-                steps_per_execution=finetune.steps_per_execution(rows, batch_size),
-            )
+        model = _compiled(
+            lambda: finetune.fine_tune_model(classifier, split),
+            rate,
+            finetune.steps_per_execution(rows, batch_size),
+            distribution,
+        )
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         print(
             f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} "
@@ -322,6 +316,24 @@ def fine_tune(
             feature_extractor(classifier), classifier.input_shape[1]
         )
     return history
+
+
+def _compiled(
+    build, learning_rate, steps_per_execution: int, distribution: Distribution | None
+) -> keras.Model:
+    """`build()`'s model, built and compiled (Adam at `learning_rate`, a rate or a schedule;
+    sparse cross-entropy) in the distribution's strategy scope, so Keras splits each batch
+    between the replicas and keeps their weights in step."""
+    strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build()
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_execution,
+        )
+    return model
 
 
 def _fit(
