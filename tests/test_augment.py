@@ -41,13 +41,13 @@ def data(tmp_path) -> Path:
 def passes(monkeypatch) -> list[tuple[str, tuple[str, ...]]]:
     """Every backbone pass, as (view, paths), in order."""
     calls = []
-    real = inference.predict_images
+    real = inference.predict_batches
 
-    def counting(model_, paths, *args, view="", **kwargs):
+    def counting(run, paths, *args, view="", **kwargs):
         calls.append((view, tuple(paths)))
-        return real(model_, paths, *args, view=view, **kwargs)
+        return real(run, paths, *args, view=view, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_images", counting)
+    monkeypatch.setattr(inference, "predict_batches", counting)
     return calls
 
 
@@ -103,7 +103,8 @@ def test_a_view_has_the_features_of_its_transformed_image(data, tmp_path):
     extractor = model.feature_extractor(_classifier())
     batch = next(iter(dataset.load_images(train_set.paths, SIZE, 64)))
     expected = extractor(tf.image.flip_left_right(batch), training=False).numpy()
-    np.testing.assert_allclose(np.asarray(features.train)[12:], expected, atol=1e-4)
+    # Training rows are float16 in the store: within a float16 step of the base's output.
+    np.testing.assert_allclose(np.asarray(features.train)[12:], expected, rtol=2e-3, atol=1e-4)
 
 
 def test_changed_view_recomputes_only_the_views_it_affects(data, tmp_path, passes, monkeypatch):

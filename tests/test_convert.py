@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -358,16 +359,29 @@ def test_interrupted_conversion_keeps_previous(tmp_path, tiny_keras_file):
 
 
 @needs_converter
-@pytest.mark.parametrize("tpc_version", ["4.0", "5.0", "6.0"])  # 1.0: the tests above
-def test_every_tpc_version_converts(tmp_path, tpc_version):
+def test_every_tpc_version_converts(tmp_path):
     """Each IMX500 TPC version the configuration accepts quantizes and converts (converter 3.19);
-    6.0 also without input persistency."""
-    keras_file = _quantized_keras_file(tmp_path, _tiny_classifier("zero_to_one"), tpc_version)
-    persistency = tpc_version != "6.0"
-    conversion = convert.convert(keras_file, tmp_path, LABELS, input_persistency=persistency)
-    assert conversion.memory.fits
-    assert conversion.memory.input_persistent == persistency
-    assert (tmp_path / "imx500" / convert.PACKER_FILE).is_file()
+    6.0 also without input persistency. (1.0: the tests above.) The three conversions run at
+    once, each in its own folder, as three notebooks would."""
+    versions = ["4.0", "5.0", "6.0"]
+    keras_files = {}
+    for version in versions:
+        (tmp_path / version).mkdir()
+        keras_files[version] = _quantized_keras_file(
+            tmp_path / version, _tiny_classifier("zero_to_one"), version
+        )
+
+    def converted(version: str) -> convert.Conversion:
+        persistency = version != "6.0"
+        folder = tmp_path / version
+        return convert.convert(keras_files[version], folder, LABELS, input_persistency=persistency)
+
+    with ThreadPoolExecutor(len(versions)) as pool:
+        conversions = dict(zip(versions, pool.map(converted, versions), strict=True))
+    for version, conversion in conversions.items():
+        assert conversion.memory.fits, version
+        assert conversion.memory.input_persistent == (version != "6.0"), version
+        assert (tmp_path / version / "imx500" / convert.PACKER_FILE).is_file(), version
 
 
 def test_tpc_versions_tested_are_the_accepted_ones():

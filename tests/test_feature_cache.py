@@ -383,6 +383,67 @@ def test_compact_merges_small_shards_into_full_ones(tmp_path, monkeypatch):
     )
 
 
+def test_float16_rows_are_stored_in_half_the_bytes_and_read_as_float32(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "SHARD_ROWS", 4)
+    monkeypatch.setattr(store, "COMPACT_AFTER", 2)
+    key, feature_store = "k" * 64, FeatureStore(tmp_path)
+    exact = np.stack([_features_of(_digest(i)) for i in range(6)]) + np.float32(1 / 3)
+    feature_store.add(key, [_digest(i) for i in range(3)], exact[:3])
+    feature_store.add(key, [_digest(i) for i in range(3, 6)], exact[3:].astype(np.float16))
+    index = feature_store.index(key)
+    assert [shard.dtype for shard in index.shards] == ["float32", "float16"]
+    sizes = [shard.size for shard in index.shards]
+    assert sizes[1] - 128 == (sizes[0] - 128) // 2  # same rows, half the bytes after the header
+    features = FeatureStore(tmp_path).lookup(key, [_digest(i) for i in range(6)]).features
+    read = np.asarray(features)
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(read[:3], exact[:3])  # float32 rows exactly as given
+    np.testing.assert_array_equal(read[3:], exact[3:].astype(np.float16).astype(np.float32))
+    assert not np.array_equal(read[3:], exact[3:])
+    # Small shards merge only with small shards of their own type.
+    feature_store.add(key, [_digest(6)], exact[:1] + 1)
+    assert feature_store.compact(key) == 2
+    index = feature_store.index(key)
+    assert sorted((shard.dtype, shard.rows) for shard in index.shards) == [
+        ("float16", 3),
+        ("float32", 4),
+    ]
+    read = np.asarray(feature_store.lookup(key, [_digest(i) for i in range(7)]).features)
+    np.testing.assert_array_equal(read[:3], exact[:3])
+    np.testing.assert_array_equal(read[3:6], exact[3:].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(read[6], exact[0] + 1)
+
+
+def test_training_rows_are_float16_in_the_store_validation_rows_float32(data, tmp_path):
+    """Training rows only train; evaluation runs the saved model's head on validation rows, so
+    those are kept exactly. An image in both folders is kept exactly too."""
+    train_set = dataset.scan_image_folder(data / "training", LABELS)
+    val_set = dataset.scan_image_folder(data / "validation", LABELS, role="validation")
+    copy = data / "training" / "apple" / "also-validation.jpg"
+    shutil.copy(val_set.paths[0], copy)
+    train_set = dataset.scan_image_folder(data / "training", LABELS)
+    keras.utils.set_random_seed(0)
+    base = model.strip_classification_head(_base_with_top())
+    classifier = model.build_classifier(base, LABELS, SIZE)
+    cache_dir = tmp_path / "cache"
+    features = train.compute_features(classifier, train_set, val_set, SIZE, cache_dir=cache_dir)
+    index = FeatureStore(cache_dir).index(features.model_key)
+    rows = {"float16": 0, "float32": 0}
+    for shard in index.shards:
+        rows[shard.dtype] += shard.rows
+    assert rows == {"float16": len(train_set) - 1, "float32": len(val_set)}
+    exact = train.compute_features(classifier, train_set, val_set, SIZE)  # no cache
+    np.testing.assert_array_equal(np.asarray(features.validation), exact.validation)
+    copied = train_set.paths.index(str(copy))
+    only_training = np.arange(len(train_set)) != copied
+    stored = np.asarray(features.train)
+    np.testing.assert_array_equal(stored[only_training], exact.train[only_training])  # rounded
+    unrounded = inference.predict_images(model.feature_extractor(classifier), train_set.paths, SIZE)
+    assert not np.array_equal(stored[only_training], unrounded[only_training])
+    np.testing.assert_allclose(stored, unrounded, rtol=1e-3)
+    np.testing.assert_array_equal(stored[copied], exact.validation[0])  # kept exactly
+
+
 def test_stored_features_index_like_an_array(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "SHARD_ROWS", 3)
     key = "k" * 64
@@ -569,7 +630,7 @@ def test_two_processes_writing_one_store_lose_nothing(tmp_path):
     folder_files = {p.name for p in FeatureStore(folder).model_folder("k" * 64).iterdir()}
     assert folder_files == {store.INDEX_NAME} | {s.name for s in index.shards}  # no leftovers
     known = FeatureStore(folder)._read_stat_index()
-    assert set(known) == {str(tmp_path / f"file-{n}") for n in range(40)}
+    assert set(known.paths) == {str(tmp_path / f"file-{n}") for n in range(40)}
 
 
 # --------------------------------------------------------------------------- change detection
@@ -680,8 +741,9 @@ def test_identical_predictions_with_and_without_the_cache(data, tmp_path, capsys
     np.testing.assert_array_equal(warm[0].validation, cold[0].validation)
     for warm_array, cold_array in zip(warm[1], cold[1], strict=True):
         np.testing.assert_array_equal(warm_array, cold_array)
-    # The same model as without the cache, up to TensorFlow's own pass-to-pass noise (~1e-9).
-    np.testing.assert_allclose(warm[0].train, without[0].train, rtol=1e-6, atol=1e-6)
+    # The same model as without the cache, up to TensorFlow's own pass-to-pass noise (~1e-9):
+    # training features are float16 both ways (one float16 step apart at most).
+    np.testing.assert_allclose(warm[0].train, without[0].train, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(warm[0].validation, without[0].validation, rtol=1e-6, atol=1e-6)
     for warm_array, array in zip(warm[1], without[1], strict=True):
         np.testing.assert_allclose(warm_array, array, rtol=1e-5, atol=1e-6)

@@ -188,4 +188,5 @@ def test_a_named_cut_fine_tunes_a_users_base_and_the_head_can_train_again(tmp_pa
     assert not np.array_equal(before, after)
     train.train_head(classifier, features, 1, 4, verbose=0)
     direct = predict_images(model.feature_extractor(classifier), train_set.paths, SIZE)
-    np.testing.assert_allclose(np.asarray(features.train), direct, atol=1e-5)
+    # (From float16 activations: within float16 rounding of the direct pass, far from stale.)
+    np.testing.assert_allclose(np.asarray(features.train), direct, rtol=2e-3, atol=1e-4)

@@ -28,6 +28,8 @@ def _outputs_text(nb) -> str:
 
 
 def test_committed_notebook_has_no_outputs():
+    ids = [cell["id"] for cell in json.loads(Path(NOTEBOOK).read_text())["cells"]]
+    assert len(ids) == len(set(ids)), "cell ids repeat: Jupyter renumbers them on every load"
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -136,17 +138,18 @@ def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
     results_file = tmp_path / "out" / "evaluation" / "results.json"
     cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
     train_cell = next(i for i, s in enumerate(cells) if "train_head(" in s)
+    quick = {"augmentation": "none", "fine_tune": False}  # this test is about the interrupt
     kernel = Kernel(tmp_path)
     try:
         # A complete first run: the model and results the interrupted run must not touch.
-        write_config(tmp_path, epochs=2)
+        write_config(tmp_path, **quick, epochs=2)
         for source in cells:
             assert kernel.run(source)["status"] == "ok", kernel.output[-5:]
         model_before = (model_dir / "saved_model.pb").read_bytes()
         results_before = results_file.read_text()
 
         # A long training run, interrupted in the middle of head training.
-        write_config(tmp_path, epochs=100000)
+        write_config(tmp_path, **quick, epochs=100000)
         for source in cells[:train_cell]:
             assert kernel.run(source)["status"] == "ok", kernel.output
         msg_id = kernel.kc.execute(cells[train_cell])
@@ -169,7 +172,7 @@ def test_interrupt_during_training_keeps_previous_model_and_kernel(tmp_path):
         assert leftovers == []
 
         # The same kernel runs the whole notebook again.
-        write_config(tmp_path, epochs=2)
+        write_config(tmp_path, **quick, epochs=2)
         for source in cells:
             assert kernel.run(source)["status"] == "ok", kernel.output[-5:]
     finally:

@@ -17,11 +17,15 @@ An augmented view of an image (tl_helpers.augment) is an entry of the same model
 `augment.view_digest(image digest, view)`: views are computed once, like the images, and a
 changed view is computed again without touching the others.
 
-The model part of the key names a folder of the store (tl_helpers.store): float32 features
-stored as computed (a cache hit gives the very same numbers), in shards appended
+The model part of the key names a folder of the store (tl_helpers.store), in shards appended
 SHARD_ROWS images at a time while the base runs, so an interrupted first pass keeps what it
 computed. Entries of other datasets and other runs sharing the folder are kept; what is dropped
 and when is the store's rule (least recently used models beyond a size budget).
+
+Rows that only train (`float16_rows`: training images and their views) are stored as float16,
+half the bytes; the head trains on them widened back to float32, and flowers128's Top-1 does
+not move (docs/feature-cache.md). Validation rows are stored as float32, exactly as computed,
+because evaluation runs the saved model's head on them and checks that against the whole model.
 """
 
 from __future__ import annotations
@@ -197,11 +201,13 @@ def cached_features(
     max_bytes: int = store.DEFAULT_MAX_BYTES,
     views: Sequence[str] | None = None,
     devices: Sequence[str] = (),
+    float16_rows: Sequence[bool] | None = None,
 ) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
     """Features of `paths` (in order): stored ones found, the others computed and stored.
 
     `views`, one per path, names the augmented view of each row (tl_helpers.augment; ""
-    or None: the image as it is).
+    or None: the image as it is). `float16_rows`, one per path (None: none), marks the rows
+    that may be stored as float16; an image any other row needs is stored as float32.
 
     Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
     cannot be written (one warning line; the run goes on without the cache). Afterwards the
@@ -210,6 +216,7 @@ def cached_features(
     """
     paths = list(paths)
     views = list(views) if views is not None else [""] * len(paths)
+    float16_rows = list(float16_rows) if float16_rows is not None else [False] * len(paths)
     if not paths:
         raise ValueError("cached_features: no images")
     key = describable_key(extractor, image_size)
@@ -220,7 +227,15 @@ def cached_features(
     try:
         feature_store.folder.mkdir(parents=True, exist_ok=True)
         features, report = _pass(
-            feature_store, key, extractor, paths, views, image_size, batch_size, devices
+            feature_store,
+            key,
+            extractor,
+            paths,
+            views,
+            float16_rows,
+            image_size,
+            batch_size,
+            devices,
         )
         feature_store.touch(key)
         feature_store.compact(key)
@@ -244,6 +259,7 @@ def _pass(
     extractor: keras.Model,
     paths: list[str],
     views: list[str],
+    float16_rows: list[bool],
     image_size: int,
     batch_size: int,
     devices: Sequence[str] = (),
@@ -252,9 +268,16 @@ def _pass(
     unique_paths = list(dict.fromkeys(paths))  # a path given once per view is read once
     file_digest = dict(zip(unique_paths, feature_store.digests(unique_paths), strict=True))
     digests = augment.view_digests([file_digest[path] for path in paths], views)
-    first_path: dict[bytes, tuple[str, str]] = {}
-    for digest, image, view in zip(digests, paths, views, strict=True):
-        first_path.setdefault(digest, (image, view))
+    del file_digest, unique_paths
+    # digest -> (image, view, float16): the first row's image and view; float16 only when
+    # every row of that digest allows it.
+    first_path: dict[bytes, tuple[str, str, bool]] = {}
+    for digest, image, view, half in zip(digests, paths, views, float16_rows, strict=True):
+        known = first_path.get(digest)
+        if known is None:
+            first_path[digest] = (image, view, half)
+        elif known[2] and not half:
+            first_path[digest] = (known[0], known[1], False)
     report = None
     for _ in range(ATTEMPTS):
         located = feature_store.lookup(key, digests)
@@ -264,9 +287,10 @@ def _pass(
             print(report.summary())
         if not located.missing:
             return located.features, report
-        for view in dict.fromkeys(first_path[digest][1] for digest in located.missing):
-            missing = [digest for digest in located.missing if first_path[digest][1] == view]
+        for group in dict.fromkeys(first_path[digest][1:] for digest in located.missing):
+            missing = [digest for digest in located.missing if first_path[digest][1:] == group]
             missing_paths = [first_path[digest][0] for digest in missing]
+            view, half = group
             compute_into_store(
                 feature_store,
                 key,
@@ -277,6 +301,7 @@ def _pass(
                 batch_size,
                 view,
                 devices,
+                np.float16 if half else np.float32,
             )
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
 
@@ -291,29 +316,25 @@ def compute_into_store(
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     view: str = "",
     devices: Sequence[str] = (),
+    dtype: type = np.float32,
 ) -> None:
     """Run the extractor over `paths` (their augmented `view`), adding the features to the
-    store a shard at a time.
+    store a shard at a time, as `dtype` (float32 or float16).
 
     Memory holds at most one shard's features, and an interrupted pass keeps the shards it
     added. More than one shard's images are run as parts, each with its progress bar.
     """
     parts = math.ceil(len(paths) / store.SHARD_ROWS)
+    run = inference.keras_runner(extractor, image_size, devices)  # traced once for every part
     for part, start in enumerate(range(0, len(paths), store.SHARD_ROWS), start=1):
         end = min(start + store.SHARD_ROWS, len(paths))
         title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
         if view:
             title = f"view {view}" + (f", {title}" if title else "")
-        features = inference.predict_images(
-            extractor,
-            paths[start:end],
-            image_size,
-            batch_size,
-            title,
-            devices=devices,
-            view=view,
+        features = inference.predict_batches(
+            run, paths[start:end], image_size, batch_size, title, view=view
         )
-        feature_store.add(key, digests[start:end], features)
+        feature_store.add(key, digests[start:end], features.astype(dtype, copy=False))
 
 
 def uncached_features(

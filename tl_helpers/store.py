@@ -6,7 +6,8 @@ Layout of a store folder (the `feature_cache_dir`)::
     files.npz                   the stat index: (path, size, mtime, ctime, inode, device) -> digest
     features-<model key>/       one folder per model key (see tl_helpers.cache.model_key)
       index.npz                 digest -> (shard, row), and each shard's rows and SHA-256
-      shard-<random>.npy        float32 [rows, features], at most SHARD_ROWS rows, never changed
+      shard-<random>.npy        float32 or float16 [rows, features], at most SHARD_ROWS rows,
+                                never changed
 
 Rules:
 
@@ -18,6 +19,10 @@ Rules:
 - **Fixed-size shards.** A pass writes full shards of SHARD_ROWS images as the base runs, and
   one partly filled shard at its end; once a model has COMPACT_AFTER partly filled shards,
   `compact` (run after each pass) merges them into full ones.
+- **Two precisions.** A shard holds float32 or float16 rows (its index records which). The
+  caller chooses per row: tl_helpers.cache stores training rows, which only train, as float16
+  (half the bytes) and validation rows, which evaluation must reproduce exactly, as float32.
+  Readers always get float32.
 - **Read by memory map.** Features are gathered from read-only memory maps of the shards, a
   batch at a time (`StoredFeatures`), and each map's pages are released after the gather; the
   store is never loaded whole. Readers take no lock: an index is replaced, never changed.
@@ -67,8 +72,9 @@ import numpy as np
 from tl_helpers.errors import TLError
 
 FORMAT_VERSION = 1
+STORED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 DIGEST_BYTES = 32
-SHARD_ROWS = 4096  # images per shard: 20 MB of 1,280 float32 features
+SHARD_ROWS = 4096  # images per shard: 20 MB of 1,280 float32 features, 10 MB of float16
 MODEL_PREFIX = "features-"
 INDEX_NAME = "index.npz"
 STAT_INDEX_NAME = "files.npz"
@@ -84,10 +90,31 @@ RACY_SECONDS = 2.0  # files changed this recently are hashed but not recorded in
 STAT_KEEP_SECONDS = 30 * 86400  # stat-index entries not seen this long are dropped
 STAT_REFRESH_SECONDS = 86400  # rewrite the stat index this often even when nothing changed
 HASH_THREADS = min(16, 4 * (os.cpu_count() or 1))  # hashlib releases the GIL: threads overlap
+HASH_CHUNK = 1024  # files handed to the hashing threads at a time (memory does not grow with N)
 
 
 class _Damaged(Exception):
     """A file of the store that must not be used; the message says why."""
+
+
+@dataclass
+class StatIndex:
+    """What the stat index records per path: (size, mtime_ns, ctime_ns, inode, device), the
+    digest those gave, and when a run last saw the path (seconds). Row i is paths[i]."""
+
+    paths: list[str]
+    stats: np.ndarray  # int64 [n, 5]
+    digests: np.ndarray  # uint8 [n, 32]
+    seen: np.ndarray  # int64 [n]
+
+    def __post_init__(self) -> None:
+        self.seen = np.asarray(self.seen, dtype=np.int64)
+        self.row = {path: i for i, path in enumerate(self.paths)}
+
+    @classmethod
+    def empty(cls) -> StatIndex:
+        no_rows = np.zeros((0, 5), np.int64)
+        return cls([], no_rows, np.zeros((0, DIGEST_BYTES), np.uint8), np.zeros(0, np.int64))
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -152,6 +179,7 @@ class Shard:
     rows: int
     size: int  # bytes
     sha256: str
+    dtype: str = "float32"  # or "float16" (see `FeatureStore.add`)
 
 
 @dataclass
@@ -261,7 +289,7 @@ class ShardMaps:
         self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
 
     def array(self, shard: int) -> np.ndarray:
-        """The float32 [rows, dim] array of one shard."""
+        """The float32 or float16 [rows, dim] array of one shard."""
         if shard not in self._maps:
             self._maps[shard] = _map_npy(self.folder / self.names[shard])
         return self._maps[shard][1]
@@ -273,25 +301,26 @@ class ShardMaps:
 
 
 def _map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
-    """Map a 2-D float32 .npy file read-only; the array is a view of the map."""
+    """Map a 2-D float32 or float16 .npy file read-only; the array is a view of the map."""
     with open(path, "rb") as file:
         version = np.lib.format.read_magic(file)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
-        if len(shape) != 2 or fortran or dtype != np.float32:
-            raise ValueError(f"{path} is not a float32 [rows, features] array")
+        if len(shape) != 2 or fortran or dtype not in STORED_DTYPES:
+            raise ValueError(f"{path} is not a float32 or float16 [rows, features] array")
         handle = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         count = shape[0] * shape[1]
-        array = np.frombuffer(handle, dtype=np.float32, count=count, offset=file.tell())
+        array = np.frombuffer(handle, dtype=dtype, count=count, offset=file.tell())
     return handle, array.reshape(shape)
 
 
 class StoredFeatures:
     """The features of a list of images, gathered from memory-mapped shards on demand.
 
-    Behaves like a read-only float32 [n, dim] array for what training and evaluation need:
+    Behaves like a read-only float32 [n, dim] array (float16 entries are widened) for what
+    training and evaluation need:
     `len`, `shape`, `x[start:stop]` (another StoredFeatures), `x[int array]` and `np.asarray(x)`
     (arrays); `tl_helpers.train.feature_dataset` makes it a tf.data source.
     """
@@ -397,76 +426,87 @@ class FeatureStore:
     # ------------------------------------------------------------------ change detection
 
     def digests(self, paths: Sequence[str]) -> list[bytes]:
-        """SHA-256 of each file's content; files unchanged since they were last seen not read."""
+        """SHA-256 of each file's content; files unchanged since they were last seen not read.
+
+        Per file, memory holds a path, a row of five integers and a digest: the stat index is
+        kept as arrays, and files are hashed a chunk at a time.
+        """
         paths = [str(path) for path in paths]
         known = self._read_stat_index()
-        stats = [_stat(path) for path in paths]
-        digests: list[bytes | None] = []
-        for path, stat in zip(paths, stats, strict=True):
-            entry = known.get(path)
-            digests.append(entry[1] if entry is not None and entry[0] == stat else None)
-        todo = [i for i, digest in enumerate(digests) if digest is None]
+        stats = np.empty((len(paths), 5), dtype=np.int64)
+        for i, path in enumerate(paths):
+            stats[i] = _stat(path)
+        rows = np.fromiter((known.row.get(path, -1) for path in paths), np.int64, len(paths))
+        same = rows >= 0
+        same[same] = (known.stats[rows[same]] == stats[same]).all(axis=1)
+        digests = np.zeros((len(paths), DIGEST_BYTES), dtype=np.uint8)
+        digests[same] = known.digests[rows[same]]
+        todo = np.flatnonzero(~same)
         if len(todo) > 1000:
             print(f"Reading {len(todo):,} new or changed images to compare them with the store")
         with ThreadPoolExecutor(HASH_THREADS) as pool:
-            for i, digest in zip(todo, pool.map(_hash, [paths[i] for i in todo]), strict=True):
-                digests[i] = digest
+            for start in range(0, len(todo), HASH_CHUNK):
+                chunk = todo[start : start + HASH_CHUNK]
+                hashed = b"".join(pool.map(_hash, [paths[i] for i in chunk]))
+                digests[chunk] = np.frombuffer(hashed, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
         now_ns = time.time_ns()
-        settled = [i for i in todo if now_ns - max(stats[i][1], stats[i][2]) > RACY_SECONDS * 1e9]
-        updates = {paths[i]: (stats[i], digests[i]) for i in settled}
+        settled = todo[now_ns - stats[todo, 1:3].max(axis=1) > RACY_SECONDS * 1e9]
+        updates = StatIndex(
+            [paths[i] for i in settled], stats[settled], digests[settled], np.zeros(len(settled))
+        )
         self._update_stat_index(updates, seen=paths, known=known)
-        return digests
+        return [row.tobytes() for row in digests]
 
-    def _read_stat_index(self) -> dict[str, tuple[tuple, bytes, int]]:
-        """{path: (stat tuple, digest, last seen)}; empty when missing or unreadable."""
+    def _read_stat_index(self) -> StatIndex:
+        """The stat index (empty when missing or unreadable)."""
         try:
             with np.load(self.folder / STAT_INDEX_NAME, allow_pickle=False) as data:
                 if int(data["format"]) != FORMAT_VERSION:
-                    return {}
+                    return StatIndex.empty()
                 names = bytes(data["paths"]).split(b"\0") if len(data["paths"]) else []
                 stats, digests, seen = data["stats"], data["digests"], data["seen"]
         except Exception:  # missing, or damaged: every file is hashed once more, nothing lost
-            return {}
+            return StatIndex.empty()
         if not (len(names) == len(stats) == len(digests) == len(seen)):
-            return {}
-        blob = digests.tobytes()
-        return {
-            name.decode("utf-8", "surrogateescape"): (
-                tuple(stat),
-                blob[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES],
-                last_seen,
-            )
-            for i, (name, stat, last_seen) in enumerate(
-                zip(names, stats.tolist(), seen.tolist(), strict=True)
-            )
-        }
+            return StatIndex.empty()
+        paths = [name.decode("utf-8", "surrogateescape") for name in names]
+        return StatIndex(paths, stats.reshape(-1, 5), digests.reshape(-1, DIGEST_BYTES), seen)
 
-    def _update_stat_index(self, updates: dict, seen: list[str], known: dict) -> None:
+    def _update_stat_index(self, updates: StatIndex, seen: list[str], known: StatIndex) -> None:
         """Record new digests and refresh this run's entries, keeping other runs' entries."""
         now = int(time.time())
-        oldest_seen = min((known[p][2] for p in seen if p in known), default=now)
-        if not updates and now - oldest_seen < STAT_REFRESH_SECONDS:
+        rows = np.fromiter((known.row.get(path, -1) for path in seen), np.int64, len(seen))
+        rows = rows[rows >= 0]
+        oldest_seen = int(known.seen[rows].min()) if len(rows) else now
+        if not updates.paths and now - oldest_seen < STAT_REFRESH_SECONDS:
             return
         try:
             with self.locked():
-                entries = self._read_stat_index()  # the newest, with other runs' entries
-                for path in seen:
-                    if path in entries:
-                        stat, digest, _ = entries[path]
-                        entries[path] = (stat, digest, now)
-                for path, (stat, digest) in updates.items():
-                    entries[path] = (stat, digest, now)
-                entries = {p: e for p, e in entries.items() if now - e[2] < STAT_KEEP_SECONDS}
-                self._write_stat_index(entries)
+                index = self._read_stat_index()  # the newest, with other runs' entries
+                seen_rows = [index.row[path] for path in seen if path in index.row]
+                index.seen[seen_rows] = now
+                changed = [index.row.get(path, -1) for path in updates.paths]
+                old = np.array([row for row in changed if row >= 0], dtype=np.int64)
+                fresh = np.array([i for i, row in enumerate(changed) if row >= 0], dtype=np.int64)
+                index.stats[old], index.digests[old] = updates.stats[fresh], updates.digests[fresh]
+                index.seen[old] = now
+                added = list({updates.paths[i]: i for i, r in enumerate(changed) if r < 0}.values())
+                paths = index.paths + [updates.paths[i] for i in added]
+                stats = np.concatenate([index.stats, updates.stats[added]])
+                digests = np.concatenate([index.digests, updates.digests[added]])
+                seen_times = np.concatenate([index.seen, np.full(len(added), now, np.int64)])
+                keep = np.flatnonzero(now - seen_times < STAT_KEEP_SECONDS)
+                self._write_stat_index(
+                    [paths[i] for i in keep], stats[keep], digests[keep], seen_times[keep]
+                )
         except OSError:
             pass  # a store that cannot be written still answers; the files are hashed next time
 
-    def _write_stat_index(self, entries: dict) -> None:
+    def _write_stat_index(
+        self, paths: list[str], stats: np.ndarray, digests: np.ndarray, seen: np.ndarray
+    ) -> None:
         """Replace the stat index atomically."""
-        names = b"\0".join(p.encode("utf-8", "surrogateescape") for p in entries)
-        stats = np.array([e[0] for e in entries.values()], dtype=np.int64).reshape(-1, 5)
-        digests = _digest_array([e[1] for e in entries.values()])
-        seen = np.array([e[2] for e in entries.values()], dtype=np.int64)
+        names = b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths)
 
         def write(file):
             np.savez(
@@ -565,8 +605,13 @@ class FeatureStore:
                 (folder / name).unlink(missing_ok=True)
 
     def add(self, key: str, digests: Sequence[bytes], features: np.ndarray) -> None:
-        """Append features (float32 [n, dim], one row per digest) as new shards."""
-        features = np.ascontiguousarray(features, dtype=np.float32)
+        """Append features ([n, dim], one row per digest) as new shards.
+
+        float16 features are stored as float16 (half the bytes; what training rows use, see
+        tl_helpers.cache), any other type as float32.
+        """
+        dtype = np.float16 if features.dtype == np.float16 else np.float32
+        features = np.ascontiguousarray(features, dtype=dtype)
         if features.ndim != 2 or len(features) != len(digests):
             raise ValueError("add: one feature row per digest")
         folder = self.model_folder(key)
@@ -588,7 +633,8 @@ class FeatureStore:
         name = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
         _write_atomically(folder / name, lambda file: np.save(file, rows, allow_pickle=False))
         path = folder / name
-        return Shard(name, len(rows), path.stat().st_size, _file_digest(str(path)).hex())
+        size, sha256 = path.stat().st_size, _file_digest(str(path)).hex()
+        return Shard(name, len(rows), size, sha256, rows.dtype.name)
 
     def _merge_into_index(
         self, key: str, digests: list[bytes], dim: int, written: list[tuple[int, Shard]]
@@ -628,12 +674,24 @@ class FeatureStore:
         """Merge a model's partly filled shards into full ones once there are COMPACT_AFTER.
 
         Runs that add a few images each leave a small shard each; merged, a model has at most
-        COMPACT_AFTER shards that are not full. Rows no entry points to (an image two runs
-        computed at once) are left out. Returns the number of shards merged (0: none).
+        COMPACT_AFTER shards that are not full per stored type (float32, float16). Rows no
+        entry points to (an image two runs computed at once) are left out. Returns the number
+        of shards merged (0: none).
         """
+        merged = 0
+        for dtype in STORED_DTYPES:
+            merged += self._compact(key, dtype.name)
+        return merged
+
+    def _compact(self, key: str, dtype: str) -> int:
+        """`compact` for the shards of one type."""
         with self.locked():
             index = self.index(key)
-            small = [i for i, shard in enumerate(index.shards) if shard.rows < SHARD_ROWS]
+            small = [
+                i
+                for i, shard in enumerate(index.shards)
+                if shard.rows < SHARD_ROWS and shard.dtype == dtype
+            ]
             if len(small) < COMPACT_AFTER:
                 return 0
             folder = self.model_folder(key)
@@ -652,7 +710,7 @@ class FeatureStore:
             try:
                 for start in range(0, len(moved), SHARD_ROWS):
                     part = np.arange(start, min(start + SHARD_ROWS, len(moved)))
-                    written.append(self._write_shard(folder, rows.take(part)))
+                    written.append(self._write_shard(folder, rows.take(part).astype(dtype)))
                     self._verified.add((key, written[-1].name))
                 merged = ModelIndex(
                     key,
@@ -783,7 +841,7 @@ class FeatureStore:
                 f"{size / 1e6:.1f} MB, last used {when}"
             )
         stat_index = self.folder / STAT_INDEX_NAME
-        files = len(self._read_stat_index())
+        files = len(self._read_stat_index().paths)
         if stat_index.exists():
             total += stat_index.stat().st_size
         lines.append(f"  {STAT_INDEX_NAME}: {files:,} files known")

@@ -9,6 +9,7 @@ tf.data pipeline that gathers each batch from the feature store's memory-mapped 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Sequence
@@ -115,12 +116,18 @@ def compute_features(
         vectors, report = cache.uncached_features(
             extractor, paths, image_size, batch_size, row_views, devices
         )
+        # Rounded as the store keeps them, so that the cache never changes the model.
+        vectors[: len(train_paths)] = vectors[: len(train_paths)].astype(np.float16)
     else:
+        # Training rows only train: float16 in the store. Validation rows stay float32, as
+        # computed, so that evaluation from them reproduces the saved model.
+        float16_rows = [True] * len(train_paths) + [False] * len(validation_paths)
         if distribution is not None and distribution.num_workers > 1:
             compute_share(
                 extractor,
                 paths,
                 row_views,
+                float16_rows,
                 image_size,
                 cache_dir,
                 batch_size,
@@ -136,6 +143,7 @@ def compute_features(
             max_bytes,
             views=row_views,
             devices=devices,
+            float16_rows=float16_rows,
         )
     count = len(train_paths)
     train_ids = np.tile(np.asarray(train.class_ids, dtype=np.int32), 1 + len(views))
@@ -164,6 +172,7 @@ def compute_share(
     extractor: keras.Model,
     paths: list[str],
     views: list[str],
+    float16_rows: list[bool],
     image_size: int,
     cache_dir: str | Path,
     batch_size: int,
@@ -172,7 +181,8 @@ def compute_share(
 ) -> None:
     """Compute this worker's share of the images into the shared store, then wait for all.
 
-    Worker k of n takes rows k, k + n, k + 2n, ... (`views`: each row's augmented view); once
+    Worker k of n takes rows k, k + n, k + 2n, ... (`views`: each row's augmented view;
+    `float16_rows`: see `cache.cached_features`); once
     every worker has passed the barrier,
     every share is in the store. A store a worker cannot see (not a shared folder) costs time,
     not correctness: the lookup that follows computes what it lacks.
@@ -192,6 +202,7 @@ def compute_share(
             max_bytes,
             views=[views[row] for row in rows],
             devices=distribution.devices,
+            float16_rows=[float16_rows[row] for row in rows],
         )
     print("Waiting for the other workers' shares ...")
     distribution.barrier()
@@ -309,6 +320,10 @@ def fine_tune(
             distribution,
         )
     finetune.copy_back(classifier, split, model)
+    # The training copy (layers, optimizer state, traced steps) is held in reference cycles:
+    # collect it now, so that the steps after this one reuse its memory.
+    del model
+    gc.collect()
     features.train_is_stale = True
     if features.validation_activations is not None:
         features.validation = finetune.pooled_features(split, features.validation_activations)
@@ -361,13 +376,19 @@ def _fit(
         validation_data = feature_dataset(
             *validation, max(batch_size, validation_batch_size), shuffle=False
         )
-    return model.fit(
+    history = model.fit(
         training,
         epochs=epochs,
         validation_data=validation_data,
         verbose=verbose,
         callbacks=callbacks,
     )
+    # The notebook keeps the History for its figures; the model it names (a training copy with
+    # its optimizer state and traced steps) can then be freed.
+    history.model = None
+    for callback in callbacks or ():
+        callback.model = None
+    return history
 
 
 def gather_rows(dim: int) -> int:
