@@ -1,7 +1,7 @@
 """MCT's post-training quantization (PTQ, the notebook's) against its gradient-based PTQ
 (GPTQ), or against PTQ with other QuantizationConfig settings, on one trained classifier
 (not a test; docs/quantization.md has the results). CASE=clothing10 in the environment: that
-case's classifier and dataset instead of flowers128's.
+case's classifier and dataset instead of flowers128's; SEED=1: another calibration sample.
 
 The classifier is the fine-tuned flowers128 SavedModel that `bench/convert_check.py --cases
 flowers128` writes (float Top-1 0.7699); the notebook's calibration (200 training images, 4
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASE = os.environ.get("CASE", "flowers128")  # a case of bench/convert_check.py
 MODEL = ROOT / "bench" / "out" / "convert_check" / CASE / "output" / "model" / "saved_model"
 DATA = ROOT.parent / "shared" / "datasets" / CASE
+SEED = int(os.environ.get("SEED", "0"))  # of the calibration sample (the notebook's: 0)
 OUT = ROOT / "bench" / "out" / "quantization_methods" / CASE
 
 
@@ -60,12 +61,13 @@ def main():
     labels = tl.dataset.read_labels(DATA / "labels.json")
     train = tl.dataset.scan_image_folder(DATA / "training", labels, role="training")
     val = tl.dataset.scan_image_folder(DATA / "validation", labels, role="validation")
-    paths = calibration_paths(train, 50, 4, 0)
+    paths = calibration_paths(train, 50, 4, SEED)
     calibration = CalibrationData(paths, 224, 50)
     model = tf.keras.models.load_model(str(MODEL), compile=False)
     mct = tl.quantize.mct()
 
     result = {
+        "calibration_seed": SEED,
         "tag": tag,
         "method": method,
         "epochs": epochs,

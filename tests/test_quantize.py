@@ -302,7 +302,22 @@ def test_real_backbone_on_real_images():
             kept += int(np.isclose(largest_quantized, largest, rtol=1e-5, atol=0).sum())
     assert channels > 5000 and kept >= 0.99 * channels
     settings = quantize.changed_settings(quantize.quantization_config())
-    assert settings == {"weights_error_method": "NOCLIPPING"}
+    assert settings == {"weights_error_method": "NOCLIPPING", "relu_bound_to_power_of_2": True}
+    # ReLU bounds moved to a power of two (quantization_config): MobileNetV2's ReLU6 layers
+    # between two convolutions are bounded at 8 in the quantized model.
+    float_bounds = [
+        float(layer.max_value)
+        for layer in float_layers
+        if isinstance(layer, keras.layers.ReLU) and layer.max_value is not None
+    ]
+    bounds = [
+        float(layer.max_value)
+        for layer in quantized.layers
+        if isinstance(layer, keras.layers.ReLU) and layer.max_value is not None
+    ]
+    assert set(float_bounds) == {6.0} and len(float_bounds) > 30
+    # (The ReLU6 layers not between two convolutions, such as the last one, keep their 6.)
+    assert len(bounds) == len(float_bounds) and bounds.count(8.0) >= 30 > bounds.count(6.0)
 
     float_ids = predict_images(classifier, validation.paths, 96).argmax(1)
     quantized_ids = predict_images(quantized, validation.paths, 96).argmax(1)
@@ -346,7 +361,8 @@ def test_notebook_with_quantization_on(tmp_path, monkeypatch):
         assert abs(results[key] - results["top_1_accuracy"]) <= 1 / 6 + 1e-9, results[key]
     assert results["quantization"]["calibration_images"] == 8
     assert results["quantization"]["settings_changed_from_mct_defaults"] == {
-        "weights_error_method": "NOCLIPPING"
+        "weights_error_method": "NOCLIPPING",
+        "relu_bound_to_power_of_2": True,
     }
     assert results["quantization"]["models"]["quantized_keras"]["num_images"] == 6
     assert results["configuration"]["quantize"] is True
