@@ -223,7 +223,9 @@ def cached_features(
     key = describable_key(extractor, image_size)
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
-        return uncached_features(extractor, paths, image_size, batch_size, views, devices)
+        return uncached_features(
+            extractor, paths, image_size, batch_size, views, devices, float16_rows
+        )
     feature_store = FeatureStore(cache_dir, max_bytes)
     try:
         feature_store.folder.mkdir(parents=True, exist_ok=True)
@@ -246,7 +248,9 @@ def cached_features(
         print(
             f"Warning: could not use the feature cache {cache_dir} ({err}); continuing without it."
         )
-        return uncached_features(extractor, paths, image_size, batch_size, views, devices)
+        return uncached_features(
+            extractor, paths, image_size, batch_size, views, devices, float16_rows
+        )
     report.path = feature_store.model_folder(key)
     report.file_bytes = index.bytes_on_disk()
     report.stored_images = len(index.digests)
@@ -345,8 +349,13 @@ def uncached_features(
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     views: Sequence[str] | None = None,
     devices: Sequence[str] = (),
+    float16_rows: Sequence[bool] | None = None,
 ) -> tuple[np.ndarray, CacheReport]:
-    """Compute every image's features (of its view, see `cached_features`), without the cache."""
+    """Compute every image's features (of its view, see `cached_features`), without the cache.
+
+    The rows of `float16_rows` are rounded to float16 as the store would keep them, so that
+    the cache never changes the model.
+    """
     paths = list(paths)
     views = list(views) if views is not None else [""] * len(paths)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
@@ -365,4 +374,7 @@ def uncached_features(
         if features is None:
             features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
         features[rows] = part
+    if float16_rows is not None:
+        rounded = np.flatnonzero(float16_rows)
+        features[rounded] = features[rounded].astype(np.float16)
     return features, report

@@ -112,16 +112,15 @@ def compute_features(
     if batch_size is None:
         batch_size = distribution.backbone_batch_size if distribution else INFERENCE_BATCH_SIZE
     max_bytes = int(cache_max_gb * 1e9)
+    # Training rows only train: float16 (in the store, and rounded alike without it).
+    # Validation rows stay float32, as computed, so that evaluation from them reproduces the
+    # saved model.
+    float16_rows = [True] * len(train_paths) + [False] * len(validation_paths)
     if cache_dir is None:
         vectors, report = cache.uncached_features(
-            extractor, paths, image_size, batch_size, row_views, devices
+            extractor, paths, image_size, batch_size, row_views, devices, float16_rows
         )
-        # Rounded as the store keeps them, so that the cache never changes the model.
-        vectors[: len(train_paths)] = vectors[: len(train_paths)].astype(np.float16)
     else:
-        # Training rows only train: float16 in the store. Validation rows stay float32, as
-        # computed, so that evaluation from them reproduces the saved model.
-        float16_rows = [True] * len(train_paths) + [False] * len(validation_paths)
         if distribution is not None and distribution.num_workers > 1:
             compute_share(
                 extractor,
