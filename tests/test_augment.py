@@ -41,13 +41,13 @@ def data(tmp_path) -> Path:
 def passes(monkeypatch) -> list[tuple[str, tuple[str, ...]]]:
     """Every backbone pass, as (view, paths), in order."""
     calls = []
-    real = inference.predict_batches
+    real = inference.predict_chunks
 
     def counting(run, paths, *args, view="", **kwargs):
         calls.append((view, tuple(paths)))
         return real(run, paths, *args, view=view, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_batches", counting)
+    monkeypatch.setattr(inference, "predict_chunks", counting)
     return calls
 
 

@@ -573,6 +573,37 @@ def test_command_shows_and_prunes_the_store(tmp_path):
     assert feature_store.model_folder("a" * 64).exists()
 
 
+def test_a_pass_of_many_shards_runs_one_pipeline(data, tmp_path, monkeypatch):
+    """Shards are cut from one input pipeline, not one pipeline per shard (each leaves memory
+    behind inside TensorFlow), and the rows are the same as one whole-array pass."""
+    monkeypatch.setattr(store, "SHARD_ROWS", 5)  # 18 images in batches of 4: shards cut batches
+    extractor = _tiny_extractor()
+    paths, cache_dir = _paths(data), tmp_path / "cache"
+    real_batches, pipelines = inference.iter_batches, []
+
+    def counting(*args):
+        pipelines.append(args[0])
+        yield from real_batches(*args)
+
+    monkeypatch.setattr(inference, "iter_batches", counting)
+    features, report = cache.cached_features(extractor, paths, SIZE, cache_dir, batch_size=4)
+    assert report.computed == 18 and len(pipelines) == 1
+    shards = FeatureStore(cache_dir).index(cache.model_key(extractor, SIZE)).shards
+    assert sorted(shard.rows for shard in shards) == [3, 5, 5, 5]
+    run = inference.keras_runner(extractor, SIZE)
+    whole = inference.predict_batches(run, paths, SIZE, batch_size=4)
+    np.testing.assert_array_equal(np.asarray(features), whole)
+
+
+def test_chunks_of_a_pass_join_to_the_whole_pass(data):
+    run = inference.keras_runner(_tiny_extractor(), SIZE)
+    paths = _paths(data)[:13]
+    chunks = list(inference.predict_chunks(run, paths, SIZE, 5, batch_size=4))
+    assert [len(chunk) for chunk in chunks] == [5, 5, 3]
+    whole = inference.predict_batches(run, paths, SIZE, batch_size=4)
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
+
+
 _WRITER = textwrap.dedent(
     """
     import sys, time

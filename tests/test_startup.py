@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tl_helpers.startup import STARTUP_NOTICES, stderr_filtered
 
@@ -52,3 +55,45 @@ for _ in tf.data.Dataset.range(3).cache().take(1):
     assert not [line for line in done.stderr.splitlines() if STARTUP_NOTICES.search(line)]
     assert "Unable to register" not in done.stderr and "TensorRT" not in done.stderr
     assert "did not fully read the dataset being cached" in done.stderr
+
+
+_MAPPED_AGAIN = """
+import ctypes, sys
+fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+MallInfo2 = type(
+    "MallInfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]}
+)
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "fixed":
+    from tl_helpers.startup import fix_mmap_threshold
+    assert fix_mmap_threshold()
+size = 4 * 2**20
+libc.free(libc.malloc(size))  # a mapped block freed: glibc would raise its threshold past it
+before = libc.mallinfo2().hblks
+block = libc.malloc(size)
+print(libc.mallinfo2().hblks - before)  # 1: mapped on its own again; 0: taken from the heap
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="glibc 2.33 or newer only",
+)
+def test_large_blocks_stay_mapped_after_one_is_freed():
+    """After `fix_mmap_threshold`, a block of a few MB freed and asked for again is mapped on its
+    own (given back to the system when freed), where glibc's default would take it from the
+    heap; the default is checked too, so the test shows the setting is what makes it so."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def mapped_again(mode: str) -> str:
+        command = [sys.executable, "-c", _MAPPED_AGAIN, mode]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert mapped_again("default") == "0"
+    assert mapped_again("fixed") == "1"

@@ -10,8 +10,8 @@ An entry is keyed by everything that decides a feature, and nothing else:
 - the feature extractor (preprocessing + base model after `remove_top_layer_if_needed()` +
   pooling): its architecture with layer names normalised, and every weight array's bytes;
 - `input_tensor_size`, the TensorFlow version, and the image loading code (the source of
-  `dataset.load_images`, `inference.keras_runner`, `inference.predict_images` and
-  `inference.predict_batches`, plus `PIPELINE_VERSION`).
+  `dataset.load_images`, `inference.keras_runner`, `inference.predict_images`,
+  `inference.predict_batches` and `inference.predict_chunks`, plus `PIPELINE_VERSION`).
 
 An augmented view of an image (tl_helpers.augment) is an entry of the same model, keyed by
 `augment.view_digest(image digest, view)`: views are computed once, like the images, and a
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +181,7 @@ def _code_digest() -> str:
         inference.keras_runner,
         inference.predict_images,
         inference.predict_batches,
+        inference.predict_chunks,
     ):
         try:
             digest.update(inspect.getsource(function).encode())
@@ -327,19 +327,18 @@ def compute_into_store(
     store a shard at a time, as `dtype` (float32 or float16).
 
     Memory holds at most one shard's features, and an interrupted pass keeps the shards it
-    added. More than one shard's images are run as parts, each with its progress bar.
+    added. One pipeline and one progress bar run over all the images.
     """
-    parts = math.ceil(len(paths) / store.SHARD_ROWS)
-    run = inference.keras_runner(extractor, image_size, devices)  # traced once for every part
-    for part, start in enumerate(range(0, len(paths), store.SHARD_ROWS), start=1):
-        end = min(start + store.SHARD_ROWS, len(paths))
-        title = f"part {part} of {parts}, images {start + 1:,}-{end:,}" if parts > 1 else ""
-        if view:
-            title = f"view {view}" + (f", {title}" if title else "")
-        features = inference.predict_batches(
-            run, paths[start:end], image_size, batch_size, title, view=view
-        )
+    run = inference.keras_runner(extractor, image_size, devices)
+    title = f"view {view}" if view else ""
+    chunks = inference.predict_chunks(
+        run, paths, image_size, store.SHARD_ROWS, batch_size, title, view=view
+    )
+    start = 0
+    for features in chunks:
+        end = start + len(features)
         feature_store.add(key, digests[start:end], features.astype(dtype, copy=False))
+        start = end
 
 
 def uncached_features(

@@ -146,6 +146,11 @@ def _digest_array(digests: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
 
 
+def _digest_keys(digests: np.ndarray) -> np.ndarray:
+    """[n, 32] uint8 digests as n fixed-width byte strings, which NumPy sorts and compares."""
+    return np.ascontiguousarray(digests, dtype=np.uint8).view(f"S{DIGEST_BYTES}").reshape(-1)
+
+
 def _age(path: Path, now: float) -> float:
     """Seconds since `path` was last modified (0 when it is already gone)."""
     modified = _mtime(path)
@@ -199,9 +204,19 @@ class ModelIndex:
         none = np.zeros(0, dtype=np.int32)
         return cls(key, dim, [], np.zeros((0, DIGEST_BYTES), np.uint8), none, none.copy())
 
-    def positions(self) -> dict[bytes, int]:
-        """{digest: entry number}."""
-        return {digest.tobytes(): i for i, digest in enumerate(self.digests)}
+    def entries(self, digests: np.ndarray) -> np.ndarray:
+        """The entry number of each digest ([n, 32] uint8), -1 where the index lacks it.
+
+        Sorted arrays, not a dict: at 100,000 entries a dict of digests takes tens of MB.
+        """
+        table = _digest_keys(self.digests)
+        order = np.argsort(table, kind="stable")
+        table = table[order]
+        wanted = _digest_keys(digests)
+        if not len(table):
+            return np.full(len(wanted), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(table, wanted), len(table) - 1)
+        return np.where(table[at] == wanted, order[at], -1).astype(np.int64)
 
     def without_shards(self, names: set[str]) -> ModelIndex:
         """This index less the shards named (and their entries), shard numbers renumbered."""
@@ -546,16 +561,15 @@ class FeatureStore:
         images come back as missing.
         """
         index = self.index(key)
-        positions = index.positions()
-        entry = np.array([positions.get(d, -1) for d in digests], dtype=np.int64)
+        asked = _digest_array(digests) if len(digests) else np.zeros((0, DIGEST_BYTES), np.uint8)
+        entry = index.entries(asked)
         needed = {int(s) for s in np.unique(index.shard_of[entry[entry >= 0]])}
         damaged = self._check_shards(index, needed)
         if damaged:
             self._report_damage(key, index, damaged)
             self._drop_shards(key, set(damaged))
             index = self.index(key)
-            positions = index.positions()
-            entry = np.array([positions.get(d, -1) for d in digests], dtype=np.int64)
+            entry = index.entries(asked)
         found = entry >= 0
         missing = list(dict.fromkeys(d for d, hit in zip(digests, found, strict=True) if not hit))
         features = None
@@ -643,19 +657,20 @@ class FeatureStore:
         index = self.index(key)
         if index.dim and index.dim != dim:
             raise ValueError(f"add: {dim} features per image, the store has {index.dim}")
-        present = index.positions()
+        added = _digest_array(digests)
+        # New to the index, and the first of its digest in this add (a repeat is added once).
+        take = index.entries(added) < 0
+        first = np.zeros(len(added), dtype=bool)
+        first[np.unique(_digest_keys(added), return_index=True)[1]] = True
+        take &= first
         shards, new_digests, shard_of, row_of = list(index.shards), [], [], []
         for start, shard in written:
-            rows = []
-            for r in range(shard.rows):
-                if digests[start + r] not in present:
-                    present[digests[start + r]] = -1  # taken: a repeated digest is added once
-                    rows.append(r)
-            if not rows:
+            rows = np.flatnonzero(take[start : start + shard.rows]).astype(np.int32)
+            if not len(rows):
                 continue  # another run added them all first: the shard is deleted by `add`
-            new_digests += [digests[start + r] for r in rows]
-            shard_of += [len(shards)] * len(rows)
-            row_of += rows
+            new_digests.append(added[start + rows])
+            shard_of.append(np.full(len(rows), len(shards), dtype=np.int32))
+            row_of.append(rows)
             shards.append(shard)
             self._verified.add((key, shard.name))
         if not new_digests:
@@ -664,9 +679,9 @@ class FeatureStore:
             key,
             dim,
             shards,
-            np.concatenate([index.digests, _digest_array(new_digests)]),
-            np.concatenate([index.shard_of, np.array(shard_of, dtype=np.int32)]),
-            np.concatenate([index.row_of, np.array(row_of, dtype=np.int32)]),
+            np.concatenate([index.digests, *new_digests]),
+            np.concatenate([index.shard_of, *shard_of]),
+            np.concatenate([index.row_of, *row_of]),
         )
         write_index(self.model_folder(key) / INDEX_NAME, merged)
 
