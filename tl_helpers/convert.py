@@ -28,12 +28,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tl_helpers.atomic import remove, replace_directory, temporary_sibling, write_bytes, write_json
 from tl_helpers.config import Config
 from tl_helpers.errors import TLError
 from tl_helpers.pi_classify import UNUSED_LABEL
-from tl_helpers.quantize import QuantizedModel
+
+if TYPE_CHECKING:  # a type only: importing quantize would load TensorFlow
+    from tl_helpers.quantize import QuantizedModel
 
 IMX500_DIR = "imx500"
 PACKER_FILE = "packerOut.zip"
