@@ -573,6 +573,17 @@ def test_command_shows_and_prunes_the_store(tmp_path):
     assert feature_store.model_folder("a" * 64).exists()
 
 
+def test_index_entries_finds_each_digest_and_none_for_others(tmp_path):
+    key = "k" * 64
+    digests = [bytes([n]) * 31 + bytes([0]) for n in (5, 1, 9)]  # a trailing zero byte too
+    feature_store = FeatureStore(tmp_path / "store")
+    feature_store.add(key, digests, np.arange(6, dtype=np.float32).reshape(3, 2))
+    index = feature_store.index(key)
+    asked = [digests[2], bytes([7]) * 32, digests[0], digests[1], bytes([5]) * 31 + b"\x01"]
+    assert index.entries(store._digest_array(asked)).tolist() == [2, -1, 0, 1, -1]
+    assert store.ModelIndex.empty(key).entries(store._digest_array(asked)).tolist() == [-1] * 5
+
+
 def test_a_pass_of_many_shards_runs_one_pipeline(data, tmp_path, monkeypatch):
     """Shards are cut from one input pipeline, not one pipeline per shard (each leaves memory
     behind inside TensorFlow), and the rows are the same as one whole-array pass."""

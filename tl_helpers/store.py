@@ -561,7 +561,7 @@ class FeatureStore:
         images come back as missing.
         """
         index = self.index(key)
-        asked = _digest_array(digests) if len(digests) else np.zeros((0, DIGEST_BYTES), np.uint8)
+        asked = _digest_array(digests)
         entry = index.entries(asked)
         needed = {int(s) for s in np.unique(index.shard_of[entry[entry >= 0]])}
         damaged = self._check_shards(index, needed)
