@@ -678,6 +678,26 @@ def test_two_processes_writing_one_store_lose_nothing(tmp_path):
 # --------------------------------------------------------------------------- change detection
 
 
+def test_stat_index_is_rewritten_only_for_new_digests_or_once_a_refresh_is_due(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(store, "RACY_SECONDS", -1.0)  # the files were written just now
+    files = [tmp_path / f"file-{n}" for n in range(3)]
+    for n, file in enumerate(files):
+        file.write_bytes(bytes([n]) * 10)
+    folder = tmp_path / "store"
+    first = FeatureStore(folder).digests(files)
+    stat_index = folder / store.STAT_INDEX_NAME
+    written = stat_index.stat().st_mtime_ns
+    os.utime(stat_index, ns=(written - 10**9, written - 10**9))  # as if written a second ago
+    assert FeatureStore(folder).digests(files) == first
+    assert stat_index.stat().st_mtime_ns == written - 10**9  # nothing new, seen recently
+    monkeypatch.setattr(store, "STAT_REFRESH_SECONDS", -1)
+    assert FeatureStore(folder).digests(files) == first
+    assert stat_index.stat().st_mtime_ns != written - 10**9  # a refresh was due
+    assert set(FeatureStore(folder)._read_stat_index().paths) == set(map(str, files))
+
+
 def test_unchanged_files_are_not_read_again(data, tmp_path, reads):
     extractor, paths, cache_dir = _tiny_extractor(), _paths(data), tmp_path / "cache"
     first, _ = _run(extractor, paths, cache_dir)

@@ -469,7 +469,9 @@ class FeatureStore:
         updates = StatIndex(
             [paths[i] for i in settled], stats[settled], digests[settled], np.zeros(len(settled))
         )
-        self._update_stat_index(updates, seen=paths, known=known)
+        last_seen = known.seen[rows[rows >= 0]]
+        oldest_seen = int(last_seen.min()) if len(last_seen) else None
+        self._update_stat_index(updates, seen=paths, oldest_seen=oldest_seen)
         return [row.tobytes() for row in digests]
 
     def _read_stat_index(self) -> StatIndex:
@@ -487,12 +489,17 @@ class FeatureStore:
         paths = [name.decode("utf-8", "surrogateescape") for name in names]
         return StatIndex(paths, stats.reshape(-1, 5), digests.reshape(-1, DIGEST_BYTES), seen)
 
-    def _update_stat_index(self, updates: StatIndex, seen: list[str], known: StatIndex) -> None:
-        """Record new digests and refresh this run's entries, keeping other runs' entries."""
+    def _update_stat_index(
+        self, updates: StatIndex, seen: list[str], oldest_seen: int | None
+    ) -> None:
+        """Record new digests and refresh this run's entries, keeping other runs' entries.
+
+        `oldest_seen`: when the least recently seen of `seen` was last seen by a run (None:
+        none of them was known); nothing is written when no digest is new and that was recent.
+        """
         now = int(time.time())
-        rows = np.fromiter((known.row.get(path, -1) for path in seen), np.int64, len(seen))
-        rows = rows[rows >= 0]
-        oldest_seen = int(known.seen[rows].min()) if len(rows) else now
+        if oldest_seen is None:
+            oldest_seen = now
         if not updates.paths and now - oldest_seen < STAT_REFRESH_SECONDS:
             return
         try:

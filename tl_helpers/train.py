@@ -181,8 +181,7 @@ def compute_share(
     """Compute this worker's share of the images into the shared store, then wait for all.
 
     Worker k of n takes rows k, k + n, k + 2n, ... (`views`: each row's augmented view;
-    `float16_rows`: see `cache.cached_features`); once
-    every worker has passed the barrier,
+    `float16_rows`: see `cache.cached_features`); once every worker has passed the barrier,
     every share is in the store. A store a worker cannot see (not a shared folder) costs time,
     not correctness: the lookup that follows computes what it lacks.
     """
