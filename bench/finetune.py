@@ -5,8 +5,10 @@ epochs at Adam 0.001, a feature store of its own under OUT, empty at the start) 
 `augmentation` setting and cut: the backbone passes that fill the store (the images as they
 are, then each view), timed once; then for each seed the head is trained on the pooled
 features (`train.train_head`), its Top-1 measured, then the base above the cut and the head
-are fine-tuned (`train.fine_tune`: Adam, cosine decay from --learning-rate) and Top-1 measured
-again, on every validation image (never augmented; nothing is chosen on it within a run).
+are fine-tuned (`train.fine_tune`: Adam, cosine decay from --learning-rate; with the "noise"
+view of each training image as well, as `fine_tune_noise` does by default, unless --no-noise)
+and Top-1 measured again, on every validation image (never augmented; nothing is chosen on it
+within a run).
 "first run" = the passes + the pooled features from the activations + head training +
 fine-tuning, seed 0: what features and training cost on a first run. With `--quantize`, each
 row's first-seed fine-tuned classifier is quantized with the notebook's default calibration
@@ -42,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=3e-4, help="fine-tuning's")
     parser.add_argument("--constant-lr", action="store_true", help="no cosine decay")
+    parser.add_argument(
+        "--no-noise", dest="noise", action="store_false", help="fine_tune_noise off"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "finetune")
@@ -49,13 +54,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed_passes(classifier, train, validation, views, cut, cache_dir, seconds) -> dict:
-    """Seconds of the backbone (lower part) pass of the images as they are and of each view,
-    added to `seconds` (view -> seconds) for those it does not have yet (their activations are
-    in the store already)."""
+def timed_passes(classifier, train, validation, views, cut, cache_dir, seconds, noise) -> dict:
+    """Seconds of the backbone (lower part) pass of the images as they are, of each view and
+    (with `noise`) of the fine-tuning-only noise view, added to `seconds` (view -> seconds) for
+    those it does not have yet (their activations are in the store already)."""
     import tl_helpers as tl
 
-    for number, view in enumerate(("", *views)):
+    passes = [(view, views[:number], False) for number, view in enumerate(("", *views))]
+    if noise:
+        passes.append(("noise", views, True))
+    for view, done, with_noise in passes:
         if (view or "as is") in seconds:
             continue
         start = time.perf_counter()
@@ -65,8 +73,9 @@ def timed_passes(classifier, train, validation, views, cut, cache_dir, seconds) 
             validation,
             224,
             cache_dir=cache_dir,
-            views=views[:number],
+            views=done,
             fine_tune_cut=cut,
+            fine_tune_noise=with_noise,
         )
         seconds[view or "as is"] = time.perf_counter() - start
     return seconds
@@ -87,8 +96,11 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
             original = base.get_weights()
             classifier = tl.model.build_classifier(base, labels, 224)
             cache_dir = args.out / "feature_cache" / name
-            timed_passes(classifier, train, validation, views, cut, cache_dir, timed[cut])
-            passes = {view: timed[cut][view] for view in ("as is", *views)}
+            timed_passes(
+                classifier, train, validation, views, cut, cache_dir, timed[cut], args.noise
+            )
+            passed = ("as is", *views, *(("noise",) if args.noise else ()))
+            passes = {view: timed[cut][view] for view in passed}
             for seed in args.seeds:
                 base.set_weights(original)  # as loaded: the pooled features are the base's
                 start = time.perf_counter()
@@ -100,6 +112,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     cache_dir=cache_dir,
                     views=views,
                     fine_tune_cut=cut,
+                    fine_tune_noise=args.noise,
                 )
                 pooled_seconds = time.perf_counter() - start  # store read + pooled features
                 tl.train.setup_tensorflow(seed)
@@ -124,6 +137,8 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     "cut": cut,
                     "seed": seed,
                     "training_rows": len(features.train),
+                    "fine_tune_rows": len(features.train_activations),
+                    "fine_tune_noise": args.noise,
                     "activation_size": features.split.size,
                     "head_top1": head_top1,
                     "fine_tuned_top1": top1(classifier, features),
@@ -146,7 +161,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """The Markdown table: one line per dataset, setting and cut, seeds side by side."""
     seeds = sorted({row["seed"] for row in rows})
-    head = ["dataset", "augmentation", "cut", "training rows"]
+    head = ["dataset", "augmentation", "cut", "training rows", "fine-tuning rows"]
     head += [f"head / fine-tuned seed {seed}" for seed in seeds] + ["mean head / fine-tuned"]
     head += ["backbone passes (s)", "head + fine-tune (s)", "first run (s)"]
     head += ["quantized .keras / .tflite"]
@@ -158,7 +173,7 @@ def table(rows: list[dict]) -> str:
         first = group[0]
         mean = [sum(r[k] for r in group) / len(group) for k in ("head_top1", "fine_tuned_top1")]
         quantized = first.get("quantized_top1")
-        cells = [*key, f"{first['training_rows']:,}"]
+        cells = [*key, f"{first['training_rows']:,}", f"{first.get('fine_tune_rows', 0):,}"]
         cells += [
             f"{by_seed[s]['head_top1']:.4f} / {by_seed[s]['fine_tuned_top1']:.4f}"
             if s in by_seed

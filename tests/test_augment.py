@@ -195,3 +195,26 @@ def test_augmentation_key_is_checked_and_names_the_view_sets(tmp_path):
     assert schema["properties"]["augmentation"]["enum"] == list(augment.VIEW_SETS)
     for name in augment.VIEW_SETS:
         assert set(augment.views_of(name)) <= set(augment.VIEWS)
+
+
+def test_the_noise_view_is_faint_fixed_and_follows_the_file(tmp_path, monkeypatch):
+    """The fine-tuning-only "noise" view: the resized image plus Gaussian noise of
+    NOISE_STDDEV (0..255 scale), the same for the same bytes wherever they lie, different for
+    another photo, and keyed by its constant."""
+    first = write_jpeg(tmp_path / "a.jpg", (128, 128, 128), size=(40, 36), seed=1)
+    copy = tmp_path / "elsewhere" / "a.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    other = write_jpeg(tmp_path / "b.jpg", (128, 128, 128), size=(40, 36), seed=2)
+    paths = [str(first), str(copy), str(other)]
+    noisy = next(iter(dataset.load_images(paths, SIZE, 3, "noise"))).numpy()
+    plain = next(iter(dataset.load_images(paths, SIZE, 3))).numpy()
+    noise = noisy - plain
+    np.testing.assert_array_equal(noisy[0], noisy[1])  # same bytes, same noise
+    assert 0.8 * augment.NOISE_STDDEV < noise[0].std() < 1.2 * augment.NOISE_STDDEV
+    assert abs(np.corrcoef(noise[0].ravel(), noise[2].ravel())[0, 1]) < 0.2  # another draw
+    assert noisy.min() >= 0 and noisy.max() <= 255
+    digest = augment.view_digest(b"\0" * 32, "noise")
+    monkeypatch.setattr(augment, "NOISE_STDDEV", 3.0)
+    assert augment.view_digest(b"\0" * 32, "noise") != digest
+    assert augment.view_digest(b"\0" * 32, "mirror") == augment.view_digest(b"\0" * 32, "mirror")

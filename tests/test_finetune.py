@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -190,3 +192,54 @@ def test_a_named_cut_fine_tunes_a_users_base_and_the_head_can_train_again(tmp_pa
     direct = predict_images(model.feature_extractor(classifier), train_set.paths, SIZE)
     # (From float16 activations: within float16 rounding of the direct pass, far from stale.)
     np.testing.assert_allclose(np.asarray(features.train), direct, rtol=2e-3, atol=1e-4)
+
+
+def test_noise_rows_fine_tune_but_never_train_the_head(tmp_path, capsys):
+    """With `fine_tune_noise`, each training image's "noise" view is cached after the head's
+    rows and fine-tuning trains on both; the head trains on its own rows only, a re-run
+    computes nothing, and turning the option on later computes the noise views alone."""
+    root = make_dataset(tmp_path / "ds", LABELS, train_per_class=3, val_per_class=1)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    val_set = dataset.scan_image_folder(root / "validation", LABELS, role="validation")
+    store = tmp_path / "store"
+
+    def features_of(noise: bool) -> tuple[keras.Model, train.Features]:
+        keras.utils.set_random_seed(5)  # the same base each time: the same store entries
+        classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
+        found = train.compute_features(
+            classifier,
+            train_set,
+            val_set,
+            SIZE,
+            cache_dir=store,
+            views=("mirror",),
+            fine_tune_cut="add",
+            fine_tune_noise=noise,
+        )
+        return classifier, found
+
+    _, plain = features_of(False)
+    capsys.readouterr()
+    classifier, features = features_of(True)
+    out = capsys.readouterr().out
+    assert "features: 30 images, 21 from cache, 9 computed" in out  # only the 9 noise views
+    head_rows = 2 * len(train_set)
+    assert len(features.train) == len(features.train_ids) == head_rows
+    assert len(features.train_activations) == len(features.fine_tune_ids) == 3 * len(train_set)
+    np.testing.assert_array_equal(features.fine_tune_ids[-9:], features.train_ids[:9])
+    activations = np.asarray(features.train_activations, dtype=np.float32)
+    np.testing.assert_array_equal(activations[:head_rows], np.asarray(plain.train_activations))
+    noisy, as_is = activations[head_rows:], activations[: len(train_set)]
+    assert not np.array_equal(noisy, as_is)
+    assert np.linalg.norm(noisy - as_is) < 0.1 * np.linalg.norm(as_is)  # faint noise
+    np.testing.assert_array_equal(np.asarray(features.train), np.asarray(plain.train))
+
+    train.train_head(classifier, features, 1, 4, verbose=0)
+    history = train.fine_tune(classifier, features, 1, 4, learning_rate=0.01, verbose=0)
+    assert history.params["steps"] == math.ceil(3 * len(train_set) / 4)  # noise rows in
+    head = train.train_head(classifier, features, 1, 4, verbose=0)
+    assert head.params["steps"] == math.ceil(head_rows / 4)  # and not in the head's
+    assert len(features.train) == head_rows
+    capsys.readouterr()
+    features_of(True)
+    assert "features: 30 images, 30 from cache, 0 computed" in capsys.readouterr().out

@@ -535,17 +535,21 @@ def load_images(
     """Stream batches of RGB float32 images (0..255, square), in the order of `paths`.
 
     Each image is turned the right way up by its EXIF orientation (`upright`), then given the
-    augmented view named `view` ("": as is; see tl_helpers.augment), then resized.
+    augmented view named `view` ("": as is; see tl_helpers.augment), then resized (and, for
+    a view that changes the resized image, changed then).
     """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
     size = (int(image_size), int(image_size))
     transform = augment.view_function(view)
+    finish = augment.after_resize_function(view)
     orientations = [exif_orientation(path) for path in paths]
 
     def load(path: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-        image = upright(tf.io.decode_jpeg(tf.io.read_file(path), channels=3), orientation)
-        return tf.image.resize(transform(image), size, method="bilinear")  # float32, 0..255
+        contents = tf.io.read_file(path)
+        image = upright(tf.io.decode_jpeg(contents, channels=3), orientation)
+        resized = tf.image.resize(transform(image), size, method="bilinear")  # float32, 0..255
+        return finish(resized, contents)
 
     dataset = tf.data.Dataset.from_tensor_slices(
         (tf.constant(list(paths), dtype=tf.string), tf.constant(orientations, dtype=tf.int32))

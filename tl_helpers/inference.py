@@ -99,7 +99,7 @@ def predict_chunks(
     """
     paths = list(paths)
     if not paths:
-        raise ValueError("predict_batches: no images")
+        raise ValueError("predict_chunks: no images")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if title:

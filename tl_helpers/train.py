@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import cache, finetune
+from tl_helpers import augment, cache, finetune
 from tl_helpers.dataset import ImageFolder
 from tl_helpers.distribute import Distribution, lost_worker_errors
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
@@ -52,10 +52,18 @@ class Features:
     validation_paths: tuple[str, ...] = ()  # the validation images, in the order of the rows
     # With fine-tuning: the base's cut, and the activations at the cut (flattened) of the same
     # rows as `train` and `validation`, from which the pooled features above were computed.
+    # `train_activations` may go on with rows that only fine-tuning trains on (the views of
+    # augment.FINE_TUNE_VIEWS), whose class ids `fine_tune_ids` then holds; None: the same rows
+    # as `train`, `train_ids`.
     split: finetune.Split | None = None
     train_activations: np.ndarray | StoredFeatures | None = None
     validation_activations: np.ndarray | StoredFeatures | None = None
     train_is_stale: bool = False  # fine-tuned since `train` was pooled (see train_head)
+    fine_tune_ids: np.ndarray | None = None
+
+    def head_activations(self) -> np.ndarray | StoredFeatures:
+        """The activations of the rows of `train` (without the fine-tuning-only rows)."""
+        return self.train_activations[: len(self.train_ids)]
 
 
 def setup_tensorflow(seed: int = 0) -> None:
@@ -82,6 +90,7 @@ def compute_features(
     distribution: Distribution | None = None,
     views: Sequence[str] = (),
     fine_tune_cut: str | None = None,
+    fine_tune_noise: bool = False,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
@@ -97,17 +106,28 @@ def compute_features(
     `fine_tune_cut` (None: no fine-tuning) names the layer where the base is cut for
     `fine_tune` ("": the default cut, tl_helpers.finetune): the store then keeps the activations
     at the cut, and the pooled features come from them through the rest of the base.
+    With `fine_tune_noise` and a cut, fine-tuning also trains on the view "noise" of every
+    training image (augment.FINE_TUNE_VIEWS): its activations follow the head's rows in
+    `train_activations`; the head never sees them.
     """
     split = None if fine_tune_cut is None else finetune.split_for(classifier, fine_tune_cut)
     extractor = split.lower if split else feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
-    train_paths = list(train.paths) * (1 + len(views))
-    train_views = [view for view in ("", *views) for _ in train.paths]
+    tune_views = augment.FINE_TUNE_VIEWS if split is not None and fine_tune_noise else ()
+    all_views = ("", *views, *tune_views)
+    train_paths = list(train.paths) * len(all_views)
+    train_views = [view for view in all_views for _ in train.paths]
     validation_paths = list(validation.paths) if has_validation else []
     paths = train_paths + validation_paths
     row_views = train_views + [""] * len(validation_paths)
+    head_rows = len(train.paths) * (1 + len(views))
     if views:
-        print(f"training views: as is, {', '.join(views)} ({len(train_paths):,} training rows)")
+        print(f"training views: as is, {', '.join(views)} ({head_rows:,} training rows)")
+    if tune_views:
+        print(
+            f"fine-tuning also on the view {', '.join(tune_views)} of each training image "
+            f"({len(train_paths):,} fine-tuning rows)"
+        )
     devices = distribution.devices if distribution else ()
     if batch_size is None:
         batch_size = distribution.backbone_batch_size if distribution else INFERENCE_BATCH_SIZE
@@ -145,17 +165,20 @@ def compute_features(
             float16_rows=float16_rows,
         )
     count = len(train_paths)
-    train_ids = np.tile(np.asarray(train.class_ids, dtype=np.int32), 1 + len(views))
+    class_ids = np.asarray(train.class_ids, dtype=np.int32)
+    train_ids = np.tile(class_ids, 1 + len(views))
     if split is None:
         features = Features(vectors[:count], train_ids, model_key=report.key)
     else:
         features = Features(
-            finetune.pooled_features(split, vectors[:count]),
+            finetune.pooled_features(split, vectors[:head_rows]),
             train_ids,
             model_key=cache.describable_key(feature_extractor(classifier), image_size),
             split=split,
             train_activations=vectors[:count],
         )
+        if tune_views:
+            features.fine_tune_ids = np.tile(class_ids, len(all_views))
         if has_validation:
             features.validation_activations = vectors[count:]
     if has_validation:
@@ -235,7 +258,7 @@ def train_head(
     """
     num_classes = classifier.output_shape[-1]
     if features.train_is_stale:  # the head cell run again after fine-tuning: pool anew
-        features.train = finetune.pooled_features(features.split, features.train_activations)
+        features.train = finetune.pooled_features(features.split, features.head_activations())
         features.train_is_stale = False
     batch_size = check_batch_size(batch_size, len(features.train))
     with lost_worker_errors(distribution, "training the head"):
@@ -288,6 +311,7 @@ def fine_tune(
     if split is None or epochs == 0:
         return None
     rows = len(features.train_activations)
+    ids = features.train_ids if features.fine_tune_ids is None else features.fine_tune_ids
     batch_size = check_batch_size(batch_size, rows)
     with lost_worker_errors(distribution, "fine-tuning"):
         steps = epochs * math.ceil(rows / batch_size)
@@ -308,7 +332,7 @@ def fine_tune(
         )
         history = _fit(
             model,
-            (features.train_activations, features.train_ids),
+            (features.train_activations, ids),
             (features.validation_activations, features.validation_ids),
             batch_size,
             FINE_TUNE_VALIDATION_BATCH_SIZE,
