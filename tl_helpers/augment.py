@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 CROP_FRACTION = 0.8  # the "crop" views keep this central fraction of each side
-NOISE_STDDEV = 2.0  # the "noise" view's Gaussian pixel noise, on the 0..255 scale
+NOISE_STDDEV = 4.0  # the "noise" view's Gaussian pixel noise, on the 0..255 scale
 
 
 def _mirror(image: tf.Tensor) -> tf.Tensor:
