@@ -888,8 +888,9 @@ def test_features_a_notebook_kernel_cached_are_found_in_another_process(
     text = "".join(o.get("text", "") for c in run.nb.cells for o in c.get("outputs", []))
     cfg = load_configuration(run.folder / "configuration.json")
     # The kernel's first run: 24 training images in each view (as they are, then the default
-    # augmentation's views) and 12 validation images.
-    rows = 24 * (1 + len(augment.views_of(cfg.augmentation))) + 12
+    # augmentation's views, then fine-tuning's noise view) and 12 validation images.
+    tune_views = augment.FINE_TUNE_VIEWS if cfg.fine_tune and cfg.fine_tune_noise else ()
+    rows = 24 * (1 + len(augment.views_of(cfg.augmentation)) + len(tune_views)) + 12
     assert f"features: {rows} images, 0 from cache, {rows} computed" in text
     cache_dir = shutil.copytree(cfg.feature_cache_dir, tmp_path / "cache")  # the run's stays as is
     train_set = dataset.scan_image_folder(cfg.dataset_training_dir, run.labels)
@@ -910,5 +911,6 @@ def test_features_a_notebook_kernel_cached_are_found_in_another_process(
         cache_dir=cache_dir,
         views=augment.views_of(cfg.augmentation),
         fine_tune_cut=cfg.fine_tune_cut if cfg.fine_tune else None,
+        fine_tune_noise=cfg.fine_tune_noise,
     )
     assert f"features: {rows} images, {rows} from cache, 0 computed" in capsys.readouterr().out
