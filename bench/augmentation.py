@@ -99,13 +99,15 @@ def top1(classifier, features) -> float:
     return float((predicted == features.validation_ids).mean())
 
 
-def quantized_top1(classifier, train, validation, out: Path, batches: int = 10) -> dict[str, float]:
+def quantized_top1(
+    classifier, train, validation, out: Path, batches: int = 10, calibration_seed: int = 0
+) -> dict[str, float]:
     """Quantized .keras and int8 .tflite Top-1 on every validation image, quantized as
-    bench/calibration.py does (`batches` x 50 calibration images, seed 0; 10 = 500 images,
-    the notebook's default is 4)."""
+    bench/calibration.py does (`batches` x 50 calibration images drawn with
+    `calibration_seed`; 10 batches = 500 images, the notebook's default is 4)."""
     import tl_helpers as tl
 
-    paths = tl.calibration.calibration_paths(train, 50, batches, 0)
+    paths = tl.calibration.calibration_paths(train, 50, batches, calibration_seed)
     data = tl.calibration.CalibrationData(paths, 224, 50)
     quantized = tl.quantize.quantize_model(classifier, data)
     with tempfile.TemporaryDirectory(dir=out) as work:

@@ -8,6 +8,8 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 
 - project:    the notebook itself: its code cells executed in order, each timed and booked to
               a phase; the feature cache in a new empty folder (a first run), or off;
+- project_head: the same with "augmentation": "none" and "fine_tune": false: the head alone
+              on the pooled features (the pipeline before views and fine-tuning existed);
 - project_2x: the same on a copy of the dataset twice as large, for memory scaling;
 - project_quantize: the same with "quantize": true, to time the quantization step's parts
               (MCT, calibration loading, export, quantized evaluation);
@@ -40,7 +42,7 @@ from report import TITLES, VARIANTS, markdown_report, pipeline_seconds, plot_cha
 from variants import MB, child_main
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "flowers128"
+DEFAULT_DATASET = (REPO.parent / "shared" / "datasets" / "flowers128").resolve()
 DEFAULT_OUT = REPO / "bench" / "out"
 DOCS_DIR = REPO / "docs" / "benchmark"
 NOTEBOOK = REPO / "image_classification.ipynb"
@@ -102,6 +104,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="runs of the floor and project variants, each in a new process and work folder; "
         "the fastest is reported, the others are kept in the JSON (default 1; make bench: 2)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help='a configuration key of the "this project" runs other than head only, for example '
+        "--set fine_tune_epochs=2 --set 'augmentation=\"none\"' (not with --publish)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (bench/out)")
     parser.add_argument(
         "--publish", action="store_true", help="copy the table and the chart to docs/benchmark/"
@@ -119,6 +129,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--limit-per-class must be >= 0")
     if args.publish and (args.limit_per_class or args.dataset.resolve() != DEFAULT_DATASET):
         parser.error("--publish is for the full default dataset only (no --limit-per-class)")
+    if args.publish and args.set:
+        parser.error("--publish is for the default configuration only (no --set)")
+    args.set = dict(parse_setting(parser, item) for item in args.set)
     if not (args.dataset / "training").is_dir() or not (args.dataset / "labels.json").is_file():
         parser.error(f"{args.dataset}: not a dataset in the spec's layout (training/, labels.json)")
     return args
@@ -152,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.get("ok") for r in results.values()) else 1
 
 
+def parse_setting(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
+    """KEY=JSON of --set, as (key, value)."""
+    key, equals, text = item.partition("=")
+    try:
+        if not equals:
+            raise ValueError
+        return key.strip(), json.loads(text)
+    except ValueError:
+        parser.error(f"--set {item}: write KEY=JSON, for example fine_tune_epochs=2")
+        raise  # not reached: parser.error exits
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The run's settings and command, for the report."""
     return {
@@ -166,6 +191,7 @@ def settings(args: argparse.Namespace) -> dict:
         "feature_cache": args.feature_cache,
         "variants": args.variants,
         "repeat": args.repeat,
+        "configuration_set": args.set,
     }
 
 
@@ -325,13 +351,25 @@ def child_spec(args: argparse.Namespace, variant: str, datasets: dict, scratch: 
     }
     if variant.startswith("project"):
         spec["configuration"] = write_configuration(
-            spec, args.feature_cache, quantize=variant == "project_quantize"
+            spec,
+            args.feature_cache,
+            quantize=variant == "project_quantize",
+            head_only=variant == "project_head",
+            extra={} if variant == "project_head" else args.set,
         )
     return spec
 
 
-def write_configuration(spec: dict, cache_mode: str, quantize: bool = False) -> dict:
-    """configuration.json in the child's work folder, the feature cache cold or off."""
+def write_configuration(
+    spec: dict,
+    cache_mode: str,
+    quantize: bool = False,
+    head_only: bool = False,
+    extra: dict | None = None,
+) -> dict:
+    """configuration.json in the child's work folder, the feature cache cold or off; with
+    `head_only`, no augmented views and no fine-tuning (the head on pooled features alone);
+    `extra` keys last (--set)."""
     from tl_helpers import config  # no TensorFlow import
 
     dataset, work = Path(spec["dataset"]), Path(spec["work_dir"])
@@ -348,6 +386,9 @@ def write_configuration(spec: dict, cache_mode: str, quantize: bool = False) -> 
         "mobilenet_alpha": spec["alpha"],
         "quantize": quantize,
     }
+    if head_only:
+        settings.update({"augmentation": "none", "fine_tune": False})
+    settings.update(extra or {})
     settings.update(feature_cache_settings(config.SCHEMA_PATH, cache_mode, work / "feature_cache"))
     (work / "configuration.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return settings

@@ -13,10 +13,14 @@ within a run).
 fine-tuning, seed 0: what features and training cost on a first run. With `--quantize`, each
 row's first-seed fine-tuned classifier is quantized with the notebook's default calibration
 (200 training images, 4 batches of 50, seed 0) and its quantized .keras / .tflite Top-1
-measured on every validation image.
+measured on every validation image; `--quantize-every-seed` quantizes every seed's, and
+`--calibration-seeds 0 1 2` draws the 200 images once per seed given (a second table gives
+the mean and the worst change against the float model over all those quantizations).
 
     .venv/bin/python bench/finetune.py --quantize          # the published table
     .venv/bin/python bench/finetune.py --datasets clothing5 --seeds 0 --out /tmp/ft
+    .venv/bin/python bench/finetune.py --datasets clothing10 --settings mirror_crop \
+        --seeds 0 1 2 3 --quantize --quantize-every-seed --calibration-seeds 0 1 2
 
 Writes OUT/finetune.json (with each epoch's val_accuracy, for the record) and prints a
 Markdown table (docs/fine-tuning.md has the published one).
@@ -49,6 +53,16 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
+    parser.add_argument(
+        "--quantize-every-seed", action="store_true", help="with --quantize: every seed's"
+    )
+    parser.add_argument(
+        "--calibration-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="with --quantize: one quantization per seed of the calibration draw (0)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "finetune")
     parser.add_argument("--json-name", default="finetune.json")
     return parser.parse_args()
@@ -149,10 +163,15 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     "fine_tune_seconds": fine_seconds,
                     "first_run_seconds": sum(passes.values()) + head_seconds + fine_seconds,
                 }
-                if args.quantize and seed == args.seeds[0]:
-                    row["quantized_top1"] = quantized_top1(
-                        classifier, train, validation, args.out, batches=4
-                    )
+                if args.quantize and (args.quantize_every_seed or seed == args.seeds[0]):
+                    by_draw = {
+                        draw: quantized_top1(
+                            classifier, train, validation, args.out, 4, calibration_seed=draw
+                        )
+                        for draw in args.calibration_seeds
+                    }
+                    row["quantized_top1"] = by_draw[args.calibration_seeds[0]]
+                    row["quantized_by_calibration_seed"] = by_draw
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -172,7 +191,7 @@ def table(rows: list[dict]) -> str:
         by_seed = {r["seed"]: r for r in group}
         first = group[0]
         mean = [sum(r[k] for r in group) / len(group) for k in ("head_top1", "fine_tuned_top1")]
-        quantized = first.get("quantized_top1")
+        quantized = (by_seed[seeds[0]] if seeds[0] in by_seed else first).get("quantized_top1")
         cells = [*key, f"{first['training_rows']:,}", f"{first.get('fine_tune_rows', 0):,}"]
         cells += [
             f"{by_seed[s]['head_top1']:.4f} / {by_seed[s]['fine_tuned_top1']:.4f}"
@@ -186,7 +205,35 @@ def table(rows: list[dict]) -> str:
         cells += [f"{first['first_run_seconds']:.1f}"]
         cells += [f"{quantized['keras']:.4f} / {quantized['tflite']:.4f}" if quantized else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    quantized_lines = changes_table(rows)
+    return "\n".join(lines + ([""] + quantized_lines if quantized_lines else []))
+
+
+def changes_table(rows: list[dict]) -> list[str]:
+    """Quantized minus float Top-1 in points (.keras / .tflite): every quantization of a
+    dataset, setting and cut (each quantized seed x calibration draw), their mean and worst."""
+    head = "| dataset | augmentation | cut | quantizations | changes (seed.draw: .keras / .tflite)"
+    lines = [head + " | mean | worst |", "|" + "---|" * 7]
+    keys = list(dict.fromkeys((r["dataset"], r["augmentation"], r["cut"]) for r in rows))
+    for key in keys:
+        changes = []  # (label, keras points, tflite points)
+        for row in rows:
+            if (row["dataset"], row["augmentation"], row["cut"]) != key:
+                continue
+            for draw, top in row.get("quantized_by_calibration_seed", {}).items():
+                keras, tflite = (
+                    100 * (top[k] - row["fine_tuned_top1"]) for k in ("keras", "tflite")
+                )
+                changes.append((f"{row['seed']}.{draw}", keras, tflite))
+        if not changes:
+            continue
+        listed = ", ".join(f"{label}: {k:+.1f} / {t:+.1f}" for label, k, t in changes)
+        mean = [sum(c[i] for c in changes) / len(changes) for i in (1, 2)]
+        worst = [min(c[i] for c in changes) for i in (1, 2)]
+        cells = [*key, str(len(changes)), listed, "{:+.1f} / {:+.1f}".format(*mean)]
+        cells.append("{:+.1f} / {:+.1f}".format(*worst))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ backbone calls made inside phases (spans), per-epoch wall times, Top-1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -225,10 +226,16 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
     import tl_helpers.quantized_evaluation
     import tl_helpers.train
 
+    in_predict_images = [0]  # predict_images runs through predict_chunks: count it once
+
     def timed(original: Callable, call: str) -> Callable:
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
-            value = original(*args, **kwargs)
+            in_predict_images[0] += call == "predict_images"
+            try:
+                value = original(*args, **kwargs)
+            finally:
+                in_predict_images[0] -= call == "predict_images"
             extra = {"images": len(args[1])} if call == "predict_images" else {}
             clock.span(call, time.perf_counter() - start, **extra)
             return value
@@ -246,7 +253,28 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
 
         return wrapper
 
+    def timed_chunks(original: Callable, call: str) -> Callable:
+        # The feature store's pass yields chunks; only the time inside the generator counts
+        # (the store's writes between chunks are the caller's), booked like predict_images.
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            chunks, seconds = original(*args, **kwargs), 0.0
+            while True:
+                start = time.perf_counter()
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                finally:
+                    seconds += time.perf_counter() - start
+                yield chunk
+            if not in_predict_images[0]:
+                clock.span("predict_images", seconds, images=len(args[1]))
+
+        return wrapper
+
     replace(tl_helpers.inference.predict_images, timed, "predict_images")
+    replace(tl_helpers.inference.predict_chunks, timed_chunks, "predict_chunks")
     for name in ("mct", "quantize_model", "export_quantized"):
         replace(getattr(tl_helpers.quantize, name), timed, name)
     evaluate_quantized = tl_helpers.quantized_evaluation.evaluate_quantized
