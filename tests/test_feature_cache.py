@@ -227,6 +227,31 @@ def test_changed_base_model_file_recomputes(data, tmp_path):
     assert (report.from_cache, report.computed) == (0, 18)
 
 
+def test_wide_features_get_fewer_rows_per_shard(data, tmp_path, monkeypatch):
+    """A shard, and the chunk of the pass that fills it, holds at most SHARD_BYTES of float32:
+    SHARD_ROWS pooled features, fewer rows of wide ones (the activations at a fine-tuning cut)."""
+    assert store.shard_rows(1280) == store.SHARD_ROWS == 4096
+    assert store.shard_rows(6272) == 835  # MobileNetV2 alpha 0.35 at block_12_add
+    extractor = _tiny_extractor()  # 8 features per image
+    monkeypatch.setattr(store, "SHARD_BYTES", 5 * 8 * 4)  # 5 rows of 8 float32
+    chunk_rows = []
+    predict_chunks = inference.predict_chunks
+
+    def watched(run, paths, image_size, rows, *args, **kwargs):
+        chunk_rows.append(rows)
+        return predict_chunks(run, paths, image_size, rows, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_chunks", watched)
+    paths, cache_dir = _paths(data), tmp_path / "cache"
+    features, _ = _run(extractor, paths, cache_dir)
+    assert chunk_rows == [5]  # one pass, handing the store 5 images at a time
+    index = FeatureStore(cache_dir).index(cache.model_key(extractor, SIZE))
+    assert sorted(shard.rows for shard in index.shards) == [3, 5, 5, 5]  # 18 images
+    again, report = _run(extractor, paths, cache_dir)
+    assert (report.from_cache, chunk_rows) == (18, [5])
+    np.testing.assert_array_equal(again, features)
+
+
 # --------------------------------------------------------------------------- damage
 
 

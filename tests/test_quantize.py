@@ -125,6 +125,48 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
 
 
+def comparison_models(float_correct: int, keras_correct: int, tflite_correct: int) -> dict:
+    """results.json's quantization part for a 200-image validation set (no files)."""
+    models = {}
+    for name, correct in (
+        ("float", float_correct),
+        ("quantized_keras", keras_correct),
+        ("quantized_tflite", tflite_correct),
+    ):
+        models[name] = {
+            "file": f"/out/{name}",
+            "size_bytes": 1000,
+            "top_1_accuracy": correct / 200,
+            "num_correct": correct,
+            "num_images": 200,
+        }
+    return {"quantization": {"models": models}}
+
+
+def test_comparison_advises_another_seed_when_a_quantized_model_loses_much():
+    # 160 -> 156 images is 2.0 points: advice naming that file; 159 is 0.5: not named.
+    lines = quantized_evaluation.format_comparison(comparison_models(160, 156, 159)).splitlines()
+    assert lines[-1].startswith("Below the float model by more than 1.5 points: ")
+    assert "quantized Keras (.keras) 2.0 points (4 images)" in lines[-1]
+    assert "int8 TFLite" not in lines[-1]
+    assert 'set another "seed" in configuration.json' in lines[-1]
+    # Both files: both named.
+    both = quantized_evaluation.format_comparison(comparison_models(160, 156, 150))
+    assert "int8 TFLite (.tflite) 5.0 points (10 images)" in both.splitlines()[-1]
+    # Within 1.5 points, or better than the float model: no advice.
+    for keras_correct, tflite_correct in ((157, 160), (165, 170)):
+        table = quantized_evaluation.format_comparison(
+            comparison_models(160, keras_correct, tflite_correct)
+        )
+        assert "seed" not in table
+    # One image of a small set is more than 1.5 points, and not enough to advise anything.
+    small = comparison_models(30, 29, 29)
+    for row in small["quantization"]["models"].values():
+        row["num_images"] = 40
+        row["top_1_accuracy"] = row["num_correct"] / 40
+    assert "seed" not in quantized_evaluation.format_comparison(small)
+
+
 def tflite_ops(model_file: Path) -> list[str]:
     """The operators TFLite's default interpreter runs, "DELEGATE" for each XNNPACK part."""
     interpreter = tf.lite.Interpreter(model_path=str(model_file))

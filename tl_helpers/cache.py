@@ -18,9 +18,10 @@ An augmented view of an image (tl_helpers.augment) is an entry of the same model
 changed view is computed again without touching the others.
 
 The model part of the key names a folder of the store (tl_helpers.store), in shards appended
-SHARD_ROWS images at a time while the base runs, so an interrupted first pass keeps what it
-computed. Entries of other datasets and other runs sharing the folder are kept; what is dropped
-and when is the store's rule (least recently used models beyond a size budget).
+one at a time while the base runs (`store.shard_rows` images each), so an interrupted first
+pass keeps what it computed. Entries of other datasets and other runs sharing the folder are
+kept; what is dropped and when is the store's rule (least recently used models beyond a size
+budget).
 
 Rows that only train (`float16_rows`: training images and their views) are stored as float16,
 half the bytes; training reads them widened back to float32 (the head's Top-1 on flowers128
@@ -331,8 +332,9 @@ def compute_into_store(
     """
     run = inference.keras_runner(extractor, image_size, devices)
     title = f"view {view}" if view else ""
+    dim = int(np.prod(extractor.output_shape[1:]))
     chunks = inference.predict_chunks(
-        run, paths, image_size, store.SHARD_ROWS, batch_size, title, view=view
+        run, paths, image_size, store.shard_rows(dim), batch_size, title, view=view
     )
     start = 0
     for features in chunks:

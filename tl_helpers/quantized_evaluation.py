@@ -27,6 +27,9 @@ keras = tf.keras
 # Keys added to results.json; "top_1_accuracy" stays the float model's.
 KERAS_TOP1_KEY = "quantized_keras_top_1_accuracy"
 TFLITE_TOP1_KEY = "quantized_tflite_top_1_accuracy"
+# A quantized model this many points or more below the float model gets a word of advice
+# (one image more than that, so that one image of a small validation set is not enough).
+QUANTIZED_LOSS_POINTS = 1.5
 
 
 def load_quantized_keras(path: str | Path) -> keras.Model:
@@ -137,4 +140,32 @@ def format_comparison(results: dict) -> str:
                 f"(8-bit outputs); Top-1 takes the lowest class id of the tied, and in "
                 f"{ties['true_class_not_taken']} of them the true class was tied but not taken."
             )
-    return "\n".join(lines)
+    advice = quantization_loss_advice(models, names)
+    return "\n".join(lines + ([advice] if advice else []))
+
+
+def quantization_loss_advice(models: dict, names: dict[str, str]) -> str | None:
+    """What to do when a quantized model falls well below the float model, or None.
+
+    The loss belongs mostly to the trained model, not to the calibration images (other draws
+    of them lose as much: docs/fine-tuning.md), so the advice is another training run.
+    """
+    float_model = models["float"]
+    lost = []
+    for key in ("quantized_keras", "quantized_tflite"):
+        row = models[key]
+        # Rounded: 1.5 points (3 of 200 images) is within, whatever the float arithmetic.
+        points = round(100 * (float_model["top_1_accuracy"] - row["top_1_accuracy"]), 6)
+        images = float_model["num_correct"] - row["num_correct"]
+        if points > QUANTIZED_LOSS_POINTS and images > 1:
+            lost.append(f"{names[key]} {points:.1f} points ({images} images)")
+    if not lost:
+        return None
+    return (
+        f"Below the float model by more than {QUANTIZED_LOSS_POINTS} points: "
+        + "; ".join(lost)
+        + ". Other calibration images seldom change that; another training run usually does: "
+        'set another "seed" in configuration.json and run the notebook again (the features are '
+        "cached: the base's pass over the photos does not run again). See "
+        'docs/fine-tuning.md, "Quantized over seeds and calibration draws".'
+    )

@@ -6,8 +6,8 @@ Layout of a store folder (the `feature_cache_dir`)::
     files.npz                   the stat index: (path, size, mtime, ctime, inode, device) -> digest
     features-<model key>/       one folder per model key (see tl_helpers.cache.model_key)
       index.npz                 digest -> (shard, row), and each shard's rows and SHA-256
-      shard-<random>.npy        float32 or float16 [rows, features], at most SHARD_ROWS rows,
-                                never changed
+      shard-<random>.npy        float32 or float16 [rows, features], at most `shard_rows`
+                                rows, never changed
 
 Rules:
 
@@ -16,8 +16,10 @@ Rules:
   with `os.replace`. A run killed at any point leaves the previous index whole; shards that no
   index names are deleted once they are STALE_SECONDS old. Two runs at once each add their
   own shards and merge into the newest index, so neither loses the other's entries.
-- **Fixed-size shards.** A pass writes full shards of SHARD_ROWS images as the base runs, and
-  one partly filled shard at its end; once a model has COMPACT_AFTER partly filled shards,
+- **Fixed-size shards.** A pass writes full shards of `shard_rows(features per image)` images
+  as the base runs (SHARD_ROWS of pooled features, fewer of wider activations, so that a
+  shard and the chunk of the pass that fills it stay within SHARD_BYTES), and one partly
+  filled shard at its end; once a model has COMPACT_AFTER partly filled shards,
   `compact` (run after each pass) merges them into full ones.
 - **Two precisions.** A shard holds float32 or float16 rows (its index records which). The
   caller chooses per row: tl_helpers.cache stores training rows, which only train, as float16
@@ -74,7 +76,8 @@ from tl_helpers.errors import TLError
 FORMAT_VERSION = 1
 STORED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 DIGEST_BYTES = 32
-SHARD_ROWS = 4096  # images per shard: 20 MB of 1,280 float32 features, 10 MB of float16
+SHARD_ROWS = 4096  # images per shard at most: 20 MB of 1,280 float32 features, 10 MB of float16
+SHARD_BYTES = 4096 * 1280 * 4  # wider features: fewer rows, so a shard stays within this
 MODEL_PREFIX = "features-"
 INDEX_NAME = "index.npz"
 STAT_INDEX_NAME = "files.npz"
@@ -283,6 +286,13 @@ def write_index(path: Path, index: ModelIndex) -> None:
         )
 
     _write_atomically(path, write)
+
+
+def shard_rows(dim: int) -> int:
+    """Images per shard of `dim` features each: SHARD_ROWS, or fewer when SHARD_ROWS rows of
+    float32 would exceed SHARD_BYTES (the activations at a fine-tuning cut: 6,272 numbers per
+    image for MobileNetV2 at `block_12_add`), which bounds the memory of a pass's chunk."""
+    return max(1, min(SHARD_ROWS, SHARD_BYTES // (4 * max(1, dim))))
 
 
 # --------------------------------------------------------------------------- stored features
@@ -638,9 +648,10 @@ class FeatureStore:
         folder = self.model_folder(key)
         folder.mkdir(parents=True, exist_ok=True)
         written = []
+        rows_per_shard = shard_rows(features.shape[1])
         try:
-            for start in range(0, len(digests), SHARD_ROWS):
-                part = features[start : start + SHARD_ROWS]
+            for start in range(0, len(digests), rows_per_shard):
+                part = features[start : start + rows_per_shard]
                 written.append((start, self._write_shard(folder, part)))
             with self.locked():
                 self._merge_into_index(key, list(digests), features.shape[1], written)
@@ -709,10 +720,11 @@ class FeatureStore:
         """`compact` for the shards of one type."""
         with self.locked():
             index = self.index(key)
+            rows_per_shard = shard_rows(index.dim)
             small = [
                 i
                 for i, shard in enumerate(index.shards)
-                if shard.rows < SHARD_ROWS and shard.dtype == dtype
+                if shard.rows < rows_per_shard and shard.dtype == dtype
             ]
             if len(small) < COMPACT_AFTER:
                 return 0
@@ -730,8 +742,8 @@ class FeatureStore:
             kept = index.without_shards({index.shards[i].name for i in small})
             written: list[Shard] = []
             try:
-                for start in range(0, len(moved), SHARD_ROWS):
-                    part = np.arange(start, min(start + SHARD_ROWS, len(moved)))
+                for start in range(0, len(moved), rows_per_shard):
+                    part = np.arange(start, min(start + rows_per_shard, len(moved)))
                     written.append(self._write_shard(folder, rows.take(part).astype(dtype)))
                     self._verified.add((key, written[-1].name))
                 merged = ModelIndex(
@@ -749,7 +761,7 @@ class FeatureStore:
                         ]
                     ),
                     np.concatenate(
-                        [kept.row_of, np.arange(len(moved), dtype=np.int32) % SHARD_ROWS]
+                        [kept.row_of, np.arange(len(moved), dtype=np.int32) % rows_per_shard]
                     ),
                 )
                 write_index(folder / INDEX_NAME, merged)
