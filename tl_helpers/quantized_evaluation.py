@@ -27,8 +27,8 @@ keras = tf.keras
 # Keys added to results.json; "top_1_accuracy" stays the float model's.
 KERAS_TOP1_KEY = "quantized_keras_top_1_accuracy"
 TFLITE_TOP1_KEY = "quantized_tflite_top_1_accuracy"
-# A quantized model this many points or more below the float model gets a word of advice
-# (one image more than that, so that one image of a small validation set is not enough).
+# A quantized model more than this many points below the float model (and more than one image:
+# one image of a small validation set is not enough) gets a word of advice.
 QUANTIZED_LOSS_POINTS = 1.5
 
 
