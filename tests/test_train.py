@@ -143,9 +143,11 @@ def test_non_alphabetical_ids_give_high_accuracy(trained, model_dir):
 
 
 @pytest.mark.savedmodel
-def test_evaluation_from_features_equals_the_full_pass(trained, model_dir):
+def test_evaluation_from_features_equals_the_full_pass(trained, model_dir, monkeypatch):
     """The head of the reloaded model on the pass's features gives the full pass's report."""
     val_set = trained["val_set"]
+    assert len(val_set) > 3
+    monkeypatch.setattr(evaluate, "CHECK_BATCH_SIZE", 3)  # the check runs in several calls
     full = evaluate.evaluate_saved_model(model_dir, val_set, SIZE)
     fast = evaluate.evaluate_saved_model(model_dir, val_set, SIZE, features=trained["features"])
     assert full["evaluation"]["method"] == "saved model on every validation image"

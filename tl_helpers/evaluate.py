@@ -23,6 +23,10 @@ RESULTS_FILE = "results.json"
 # Evaluation from the training pass's features is checked against the whole reloaded model on
 # this many validation images; probabilities may differ by float rounding only.
 CHECK_IMAGES = 32
+# The check runs the reloaded model eagerly, this many images a call: one call on all 32 at
+# 224 px holds about 290 MB of MobileNetV2's activations at once, 8 about 90 MB
+# (docs/performance.md), and this step set the kernel's peak.
+CHECK_BATCH_SIZE = 8
 CHECK_TOLERANCE = 1e-4
 FEATURE_BATCH_SIZE = 4096  # validation features read from the store per head call
 FULL_PASS = "saved model on every validation image"  # results["evaluation"]["method"]
@@ -178,7 +182,12 @@ def head_on_features(
     rows = np.unique(np.linspace(0, len(validation) - 1, CHECK_IMAGES).round().astype(int))
     check = len(rows)
     images = next(iter_batches([validation.paths[i] for i in rows], image_size, check))
-    full = model(images, training=False).numpy()
+    full = np.concatenate(
+        [
+            model(images[start : start + CHECK_BATCH_SIZE], training=False).numpy()
+            for start in range(0, check, CHECK_BATCH_SIZE)
+        ]
+    )
     difference = float(np.abs(full - probabilities[rows]).max())
     if difference > CHECK_TOLERANCE:
         print(
