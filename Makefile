@@ -36,14 +36,17 @@ run: venv
 	$(BIN)/python -m tl_helpers.run_notebook image_classification.ipynb \
 		--output output/image_classification.executed.ipynb
 
-## The test suite (unit tests, notebook runs through nbclient, one end-to-end run on real photos).
+## The test suite (unit tests, notebook runs through nbclient, one end-to-end run on real photos),
+## one pytest-xdist worker per core: much of a test's time is spent starting kernels, processes
+## and the converter, so two workers on 2 cores take about 0.6 of one. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 ## Unit tests only: no notebook kernel, no MCT, no extra TensorFlow processes (see the markers
 ## in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not notebook and not mct and not distributed and not savedmodel"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow and not notebook and not mct and not distributed and not savedmodel"
 
 ## The benchmark (not a test; about 30 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,
