@@ -15,6 +15,11 @@ validation images.
 
 SETTING=VALUE sets a field of MCT's QuantizationConfig (e.g. activation_bias_correction=True,
 activation_error_method=NOCLIPPING). Writes bench/out/quantization_methods/TAG/result.json.
+
+Environment, PTQ only: TPC=4.0 another IMX500 target platform version (default 1.0);
+A16=Add,ReLU 16-bit activations for the outputs of every layer of these Keras classes (MCT's
+manual bit-width selection; the TPC must offer 16 bits for them: 4.0 and later);
+MODEL=path another SavedModel (default: convert_check's for CASE).
 """
 
 import json
@@ -33,7 +38,10 @@ from tl_helpers.quantized_evaluation import load_quantized_keras
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = os.environ.get("CASE", "flowers128")  # a case of bench/convert_check.py
-MODEL = ROOT / "bench" / "out" / "convert_check" / CASE / "output" / "model" / "saved_model"
+CONVERT_CHECK_MODEL = ROOT / "bench" / "out" / "convert_check" / CASE / "output" / "model"
+MODEL = Path(os.environ.get("MODEL", CONVERT_CHECK_MODEL / "saved_model"))
+TPC = os.environ.get("TPC", "1.0")
+A16 = [name for name in os.environ.get("A16", "").split(",") if name]
 DATA = ROOT.parent / "shared" / "datasets" / CASE
 SEED = int(os.environ.get("SEED", "0"))  # of the calibration sample (the notebook's: 0)
 OUT = ROOT / "bench" / "out" / "quantization_methods" / CASE
@@ -87,7 +95,24 @@ def main():
                 value = json.loads(value.lower() if value in ("True", "False") else value)
             setattr(settings, name, value)
         result["settings"] = sys.argv[3:]
-        quantized = tl.quantize.quantize_model(model, calibration, "1.0", settings)
+        result["tpc"], result["a16"] = TPC, A16
+        if A16:
+            from model_compression_toolkit.core.common.network_editors import NodeTypeFilter
+
+            bit_widths = mct.core.BitWidthConfig()
+            filters = [NodeTypeFilter(getattr(tf.keras.layers, name)) for name in A16]
+            bit_widths.set_manual_activation_bit_width(filters, 16)
+            with tl.quantize.statistics_in_parallel():
+                quantized, _ = mct.ptq.keras_post_training_quantization(
+                    model,
+                    calibration,
+                    core_config=mct.core.CoreConfig(
+                        quantization_config=settings, bit_width_config=bit_widths
+                    ),
+                    target_platform_capabilities=tl.quantize.target_platform(TPC),
+                )
+        else:
+            quantized = tl.quantize.quantize_model(model, calibration, TPC, settings)
     else:
         if hessian == "none":
             kw = dict(use_hessian_based_weights=False, use_hessian_sample_attention=False)

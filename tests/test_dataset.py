@@ -485,6 +485,63 @@ def test_exif_rotation_of_a_portrait_photo_swaps_its_sides(tmp_path):
     np.testing.assert_allclose(upright_image.numpy(), np.rot90(stored, -1), atol=12)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "size", "ratio"),
+    [
+        (3024, 4032, 224, 4),  # a 12 MP phone photo at the default size: 756 x 1008
+        (4032, 3024, 224, 4),  # the same, portrait
+        (768, 1024, 224, 1),  # under 4x the size: decoded whole, as before
+        (895, 2000, 224, 1),
+        (896, 2000, 224, 2),
+        (6000, 8000, 224, 8),  # never more than libjpeg's 1/8
+        (128, 128, 224, 1),  # smaller than the input size
+    ],
+)
+def test_decode_ratio_keeps_twice_the_input_size(height, width, size, ratio):
+    assert dataset.decode_ratio(height, width, size) == ratio
+
+
+def smooth_photo(height: int, width: int) -> np.ndarray:
+    """A large uint8 image of gradients and soft shapes: what a photo looks like to a JPEG."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 255 * x / width
+    green = 127 + 120 * np.sin(y / 40.0) * np.cos(x / 55.0)
+    blue = 255 * ((x - width / 3) ** 2 + (y - height / 2) ** 2 < (height / 3) ** 2)
+    return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).astype(np.uint8)
+
+
+def test_large_photo_is_decoded_at_a_reduced_scale_and_still_looks_the_same(tmp_path):
+    stored = smooth_photo(768, 1024)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(stored).save(path, "JPEG", quality=92)
+    contents = tf.io.read_file(str(path))
+    decoded = dataset.decode_jpeg(contents, 32).numpy()
+    assert decoded.shape == (96, 128, 3)  # 1/8: 768 >= 2 * 32 * 8
+    with Image.open(path) as image:  # Pillow asks libjpeg for the same 1/8 decode
+        image.draft("RGB", (128, 96))
+        assert image.size == (128, 96)
+        np.testing.assert_allclose(decoded, np.asarray(image, np.float32), atol=3)
+    assert dataset.decode_jpeg(contents, 224).shape == (768, 1024, 3)  # under 4 x 224: whole
+    # What the model sees is the photo: the full decode shrunk by area averaging, to a few levels
+    (batch,) = list(load_images([str(path)], image_size=32, batch_size=1))
+    with Image.open(path) as image:
+        reference = np.asarray(image.convert("RGB").resize((32, 32), Image.BOX), np.float32)
+    assert np.abs(batch.numpy()[0] - reference).mean() < 4
+
+
+def test_large_portrait_photo_with_exif_orientation_is_upright(tmp_path):
+    stored = quadrant_pixels(1024, 768)  # stored landscape, shown portrait (orientation 6)
+    path = write_oriented_jpeg(tmp_path / "portrait.jpg", stored, 6)
+    (batch,) = list(load_images([str(path)], image_size=32, batch_size=1))
+    expected = np.asarray(
+        Image.fromarray(np.rot90(stored, -1).copy()).resize((32, 32), Image.NEAREST), np.float32
+    )
+    inner = (slice(2, 14), slice(18, 30))  # away from the quadrants' edges
+    for rows in inner:
+        for cols in inner:
+            np.testing.assert_allclose(batch.numpy()[0][rows, cols], expected[rows, cols], atol=12)
+
+
 def test_exif_orientation_of_files_without_one(tmp_path):
     plain = write_jpeg(tmp_path / "plain.jpg")
     assert exif_orientation(str(plain)) == 1

@@ -48,7 +48,8 @@ from tl_helpers.store import FeatureStore, StoredFeatures
 keras = tf.keras
 
 # Bump when something that changes features, but not the code hashed below, changes.
-PIPELINE_VERSION = 2  # 2: images turned upright by their EXIF orientation
+# 2: images turned upright by their EXIF orientation; 3: large JPEGs decoded at a reduced scale
+PIPELINE_VERSION = 3
 FORMAT_VERSION = 2
 ATTEMPTS = 3  # lookups before giving up on a store that loses entries as fast as they are added
 
@@ -177,6 +178,8 @@ def _code_digest() -> str:
     digest = hashlib.sha256()
     for function in (
         dataset.load_images,
+        dataset.decode_jpeg,
+        dataset.decode_ratio,
         dataset.exif_orientation,
         dataset.upright,
         inference.keras_runner,
