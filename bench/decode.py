@@ -86,7 +86,7 @@ def main() -> None:
         paths = make_photos(width, height, args.count)
         file_mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e6
         row = {"size": size, "images": len(paths), "file_mb": round(file_mb, 2)}
-        row["ratio"] = dataset.decode_ratio(height, width, SIZE)
+        row["ratio"] = dataset.DECODE_RATIOS[int(dataset.decode_ratio_index(height, width, SIZE))]
         for name, function in (("whole", whole), ("scaled", scaled)):
             dataset.decode_jpeg = function
             wall, cpu = timed_pass(paths, args.repeat)

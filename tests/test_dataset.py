@@ -498,7 +498,7 @@ def test_exif_rotation_of_a_portrait_photo_swaps_its_sides(tmp_path):
     ],
 )
 def test_decode_ratio_keeps_twice_the_input_size(height, width, size, ratio):
-    assert dataset.decode_ratio(height, width, size) == ratio
+    assert dataset.DECODE_RATIOS[int(dataset.decode_ratio_index(height, width, size))] == ratio
 
 
 def smooth_photo(height: int, width: int) -> np.ndarray:

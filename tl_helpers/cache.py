@@ -179,7 +179,7 @@ def _code_digest() -> str:
     for function in (
         dataset.load_images,
         dataset.decode_jpeg,
-        dataset.decode_ratio,
+        dataset.decode_ratio_index,
         dataset.exif_orientation,
         dataset.upright,
         inference.keras_runner,

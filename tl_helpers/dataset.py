@@ -559,36 +559,38 @@ def load_images(
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-# libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling), for a fraction of the
-# work of a full decode: what makes phone photos affordable. The scaled image keeps its shorter
-# side at least DECODE_MARGIN x the input size, so the bilinear resize after it still shrinks by
-# 2 or more, as it does for any photo up to 4x the input size (those are decoded whole).
+# libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling), skipping part of the
+# work of a full decode (the entropy decoding it does in full: 12 MP photos load about 1.2x
+# faster, docs/distributed.md). The scaled image keeps its shorter side at least DECODE_MARGIN x
+# the input size, so the bilinear resize after it still shrinks by 2 or more, as it does for
+# any photo up to 4x the input size (those are decoded whole).
 DECODE_RATIOS = (1, 2, 4, 8)
 DECODE_MARGIN = 2
 
 
-def decode_ratio(height: int, width: int, image_size: int) -> int:
-    """The largest of `DECODE_RATIOS` that keeps the shorter side >= DECODE_MARGIN x image_size."""
-    shorter = min(height, width)
-    fitting = [r for r in DECODE_RATIOS if shorter >= DECODE_MARGIN * image_size * r]
-    return max(fitting, default=1)
+def decode_ratio_index(
+    height: int | tf.Tensor, width: int | tf.Tensor, image_size: int
+) -> tf.Tensor:
+    """Index in `DECODE_RATIOS` of the largest ratio that keeps the shorter side at least
+    DECODE_MARGIN x image_size (ints or int32 tensors in, an int32 tensor out).
+    """
+    shorter = tf.minimum(height, width)
+    # The ratios increase: the count of those after 1 that fit is the index of the largest.
+    fits = [tf.cast(shorter >= DECODE_MARGIN * image_size * r, tf.int32) for r in DECODE_RATIOS[1:]]
+    return tf.add_n(fits)
 
 
 def decode_jpeg(contents: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode JPEG bytes to uint8 [h, w, 3], scaled down by `decode_ratio` as libjpeg does it.
+    """Decode JPEG bytes to uint8 [h, w, 3], scaled down as `decode_ratio_index` says.
 
     The header gives the size without decoding; libjpeg's scaled decode averages each 8x8 block
     into 8/ratio x 8/ratio pixels, an area average rather than a subsample.
     """
     shape = tf.io.extract_jpeg_shape(contents)
-    shorter = tf.minimum(shape[0], shape[1])
-    # The ratios increase: the count of those after 1 that fit is the index of the largest.
-    index = tf.add_n(
-        [tf.cast(shorter >= DECODE_MARGIN * image_size * r, tf.int32) for r in DECODE_RATIOS[1:]]
-    )
     branches = [
         (lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r)) for r in DECODE_RATIOS
     ]
+    index = decode_ratio_index(shape[0], shape[1], image_size)
     return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
 
 
