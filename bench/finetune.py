@@ -6,7 +6,9 @@ epochs at Adam 0.001, a feature store of its own under OUT, empty at the start) 
 are, then each view), timed once; then for each seed the head is trained on the pooled
 features (`train.train_head`), its Top-1 measured, then the base above the cut and the head
 are fine-tuned (`train.fine_tune`: Adam, cosine decay from --learning-rate; with the "noise"
-view of each training image as well, as `fine_tune_noise` does by default, unless --no-noise)
+view of each training image as well, as `fine_tune_noise` does by default, unless --no-noise;
+with --quantized-rows, each training image's activations at the cut through the lower part
+quantized by MCT instead, as `fine_tune_quantized` does when `quantize` is on)
 and Top-1 measured again, on every validation image (never augmented; nothing is chosen on it
 within a run).
 "first run" = the passes + the pooled features from the activations + head training +
@@ -51,6 +53,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-noise", dest="noise", action="store_false", help="fine_tune_noise off"
     )
+    parser.add_argument(
+        "--quantized-rows",
+        action="store_true",
+        help="fine_tune_quantized: fine-tune on the quantized lower part's rows (not noise)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
     parser.add_argument(
@@ -68,16 +75,21 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed_passes(classifier, train, validation, views, cut, cache_dir, seconds, noise) -> dict:
+def timed_passes(
+    classifier, train, validation, views, cut, cache_dir, seconds, noise, quantization=None
+) -> dict:
     """Seconds of the backbone (lower part) pass of the images as they are, of each view and
-    (with `noise`) of the fine-tuning-only noise view, added to `seconds` (view -> seconds) for
-    those it does not have yet (their activations are in the store already)."""
+    of the fine-tuning-only rows: with `quantization`, MCT's quantization of the lower part and
+    its pass ("quantized"), else with `noise` the noise view; added to `seconds` (view ->
+    seconds) for those it does not have yet (their activations are in the store already)."""
     import tl_helpers as tl
 
-    passes = [(view, views[:number], False) for number, view in enumerate(("", *views))]
-    if noise:
-        passes.append(("noise", views, True))
-    for view, done, with_noise in passes:
+    passes = [(view, views[:number], False, None) for number, view in enumerate(("", *views))]
+    if quantization is not None:  # of the noise view with `noise`, as in the notebook
+        passes.append(("quantized", views, noise, quantization))
+    elif noise:
+        passes.append(("noise", views, True, None))
+    for view, done, with_noise, lower in passes:
         if (view or "as is") in seconds:
             continue
         start = time.perf_counter()
@@ -90,6 +102,7 @@ def timed_passes(classifier, train, validation, views, cut, cache_dir, seconds, 
             views=done,
             fine_tune_cut=cut,
             fine_tune_noise=with_noise,
+            quantization=lower,
         )
         seconds[view or "as is"] = time.perf_counter() - start
     return seconds
@@ -100,6 +113,10 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
     import tl_helpers as tl
 
     labels, train, validation = load_sets(name)
+    quantization = None
+    if args.quantized_rows:  # the notebook's default calibration: 4 x 50 images, seed 0
+        paths = tl.calibration.calibration_paths(train, 50, 4, 0)
+        quantization = tl.quantize.LowerQuantization(tuple(paths), 224, 50, "1.0")
     rows = []
     timed: dict[str, dict[str, float]] = {cut: {} for cut in args.cuts}
     for setting in args.settings:
@@ -111,9 +128,18 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
             classifier = tl.model.build_classifier(base, labels, 224)
             cache_dir = args.out / "feature_cache" / name
             timed_passes(
-                classifier, train, validation, views, cut, cache_dir, timed[cut], args.noise
+                classifier,
+                train,
+                validation,
+                views,
+                cut,
+                cache_dir,
+                timed[cut],
+                args.noise,
+                quantization,
             )
-            passed = ("as is", *views, *(("noise",) if args.noise else ()))
+            extra = ("quantized",) if quantization else ("noise",) if args.noise else ()
+            passed = ("as is", *views, *extra)
             passes = {view: timed[cut][view] for view in passed}
             for seed in args.seeds:
                 base.set_weights(original)  # as loaded: the pooled features are the base's
@@ -127,6 +153,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     views=views,
                     fine_tune_cut=cut,
                     fine_tune_noise=args.noise,
+                    quantization=quantization,
                 )
                 pooled_seconds = time.perf_counter() - start  # store read + pooled features
                 tl.train.setup_tensorflow(seed)
@@ -153,6 +180,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     "training_rows": len(features.train),
                     "fine_tune_rows": len(features.train_activations),
                     "fine_tune_noise": args.noise,
+                    "fine_tune_quantized": quantization is not None,
                     "activation_size": features.split.size,
                     "head_top1": head_top1,
                     "fine_tuned_top1": top1(classifier, features),

@@ -7,9 +7,21 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_dataset, tiny_base_model
+from conftest import make_dataset, tiny_base_model, write_config
+from mct_quantizers import KerasActivationQuantizationHolder
 
-from tl_helpers import dataset, evaluate, export, finetune, model, train
+from tl_helpers import (
+    calibration,
+    dataset,
+    evaluate,
+    export,
+    finetune,
+    model,
+    quantize,
+    store,
+    train,
+)
+from tl_helpers.config import load_configuration
 from tl_helpers.errors import TLError
 from tl_helpers.inference import predict_images
 
@@ -243,3 +255,124 @@ def test_noise_rows_fine_tune_but_never_train_the_head(tmp_path, capsys):
     capsys.readouterr()
     features_of(True)
     assert "features: 30 images, 30 from cache, 0 computed" in capsys.readouterr().out
+
+
+def _output_at(quantized: keras.Model, layer_name: str) -> keras.Model:
+    """MCT's quantized model up to the quantizer of `layer_name`'s output."""
+    holder = next(
+        layer
+        for layer in quantized.layers
+        if isinstance(layer, KerasActivationQuantizationHolder)
+        and layer._inbound_nodes[0].inbound_layers.name == layer_name
+    )
+    return keras.Model(quantized.inputs, holder.output)
+
+
+@pytest.mark.mct
+def test_quantized_rows_are_what_the_quantized_model_computes_at_the_cut(tmp_path, capsys):
+    """With a LowerQuantization, fine-tuning's extra rows are the activations at the cut of the
+    lower part quantized by MCT, of the noise view (or, without `fine_tune_noise`, of the images
+    as they are): exactly what the classifier quantized after fine-tuning (with the same
+    calibration images) computes there. They replace the float noise rows, are stored, and a
+    re-run takes them from the store without running MCT; other calibration images are
+    another key."""
+    root = make_dataset(tmp_path / "ds", LABELS, train_per_class=4, val_per_class=1)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    val_set = dataset.scan_image_folder(root / "validation", LABELS, role="validation")
+    store = tmp_path / "store"
+    n = len(train_set)
+
+    def lower_quantization(seed: int) -> quantize.LowerQuantization:
+        paths = calibration.calibration_paths(train_set, 4, 2, seed)
+        return quantize.LowerQuantization(tuple(paths), SIZE, 4, "1.0")
+
+    def features_of(quantization, noise=True) -> tuple[keras.Model, train.Features, str]:
+        keras.utils.set_random_seed(5)  # the same base each time: the same store entries
+        classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
+        found = train.compute_features(
+            classifier,
+            train_set,
+            val_set,
+            SIZE,
+            cache_dir=store,
+            views=("mirror",),
+            fine_tune_cut="add",
+            fine_tune_noise=noise,
+            quantization=quantization,
+        )
+        return classifier, found, capsys.readouterr().out
+
+    quantization = lower_quantization(0)
+    classifier, features, out = features_of(quantization)
+    assert "Quantizing the base below the cut with MCT" in out
+    # The float pass: the images and their mirror views only; then the quantized noise views.
+    assert f"features: {2 * n + 3} images, 0 from cache, {2 * n + 3} computed" in out
+    assert f"features: {n} images, 0 from cache, {n} computed" in out
+    assert len(features.train_activations) == len(features.fine_tune_ids) == 3 * n
+    np.testing.assert_array_equal(features.fine_tune_ids[-n:], features.train_ids[:n])
+    activations = np.asarray(features.train_activations, dtype=np.float32)
+    quantized_rows = activations[2 * n :]
+
+    train.train_head(classifier, features, 1, 4, verbose=0)
+    history = train.fine_tune(classifier, features, 1, 4, learning_rate=0.01, verbose=0)
+    assert history.params["steps"] == math.ceil(3 * n / 4)  # the quantized rows train too
+    final = quantize.quantize_model(
+        classifier, calibration.CalibrationData(quantization.paths, SIZE, 4)
+    )
+    at_cut = _output_at(final, "add")
+    noisy = predict_images(at_cut, train_set.paths, SIZE, view="noise").reshape(n, -1)
+    np.testing.assert_array_equal(quantized_rows, noisy.astype(np.float16))
+    as_is = predict_images(at_cut, train_set.paths, SIZE).reshape(n, -1)
+    assert not np.array_equal(quantized_rows, as_is.astype(np.float16))
+
+    _, again, out = features_of(quantization)
+    assert "Quantizing the base below the cut" not in out  # nothing missing: MCT never ran
+    assert f"features: {n} images, {n} from cache, 0 computed" in out
+    np.testing.assert_array_equal(np.asarray(again.train_activations), activations)
+
+    # Without noise: the images as they are, through the same quantized lower part.
+    _, plain, out = features_of(quantization, noise=False)
+    assert f"features: {n} images, 0 from cache, {n} computed" in out
+    plain_rows = np.asarray(plain.train_activations, dtype=np.float32)[2 * n :]
+    np.testing.assert_array_equal(plain_rows, as_is.astype(np.float16))
+
+    _, _, out = features_of(lower_quantization(1))
+    assert "Quantizing the base below the cut with MCT" in out
+    assert f"features: {n} images, 0 from cache, {n} computed" in out
+
+
+def test_lower_quantization_follows_the_quantization_steps_settings(tmp_path):
+    root = make_dataset(tmp_path / "data", LABELS, train_per_class=4, val_per_class=1)
+    train_set = dataset.scan_image_folder(root / "training", LABELS)
+    settings = dict(quantize=True, calibration_batch_size=2, calibration_batches=3, seed=4)
+    write_config(tmp_path, **settings)
+    config = load_configuration(tmp_path / "configuration.json")
+    assert config.fine_tune and config.fine_tune_quantized  # both on by default
+    lower = quantize.lower_quantization(train_set, config)
+    step = quantize.calibration_for(train_set, config)
+    assert lower.paths == tuple(step.paths) and len(lower.paths) == 6
+    assert (lower.batch_size, lower.image_size) == (2, config.input_tensor_size)
+    assert lower.tpc_version == config.imx500_tpc_version
+    for off in ({"quantize": False}, {"fine_tune": False}, {"fine_tune_quantized": False}):
+        write_config(tmp_path, **{**settings, **off})
+        assert (
+            quantize.lower_quantization(
+                train_set, load_configuration(tmp_path / "configuration.json")
+            )
+            is None
+        )
+
+
+def test_concatenated_rows_read_like_one_array():
+    first = np.arange(12, dtype=np.float32).reshape(4, 3)
+    second = -np.arange(6, dtype=np.float32).reshape(2, 3)
+    rows = store.ConcatenatedRows(first, second)
+    whole = np.concatenate([first, second])
+    assert len(rows) == 6 and rows.shape == (6, 3)
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+    np.testing.assert_array_equal(rows[np.array([5, 0, 4, 3])], whole[[5, 0, 4, 3]])
+    np.testing.assert_array_equal(rows[2:5], whole[2:5])
+    assert rows[:4] is not None and np.shares_memory(rows[:4], first)  # a view of one part
+    np.testing.assert_array_equal(rows[3], whole[3])
+    with pytest.raises(ValueError, match="different widths"):
+        store.ConcatenatedRows(first, np.zeros((2, 4), np.float32))

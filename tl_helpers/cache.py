@@ -23,6 +23,10 @@ pass keeps what it computed. Entries of other datasets and other runs sharing th
 kept; what is dropped and when is the store's rule (least recently used models beyond a size
 budget).
 
+Fine-tuning's rows through the MCT-quantized lower part (`train._quantized_rows`) are kept the
+same way, under a key made from the float lower part's key and the quantization step's
+settings (`quantize.LowerQuantization.key`), so that finding them needs no MCT run.
+
 Rows that only train (`float16_rows`: training images and their views) are stored as float16,
 half the bytes; training reads them widened back to float32 (the head's Top-1 on flowers128
 and clothing10 is the same as from float32 rows, fine-tuning's within noise:
@@ -32,10 +36,11 @@ because evaluation runs the saved model's head on them and checks that against t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +203,7 @@ def _code_digest() -> str:
 
 
 def cached_features(
-    extractor: keras.Model,
+    extractor: keras.Model | Callable[[], keras.Model],
     paths: Sequence[str],
     image_size: int,
     cache_dir: str | Path,
@@ -207,12 +212,15 @@ def cached_features(
     views: Sequence[str] | None = None,
     devices: Sequence[str] = (),
     float16_rows: Sequence[bool] | None = None,
+    key: str | None = None,
 ) -> tuple[StoredFeatures | np.ndarray, CacheReport]:
     """Features of `paths` (in order): stored ones found, the others computed and stored.
 
     `views`, one per path, names the augmented view of each row (tl_helpers.augment; ""
     or None: the image as it is). `float16_rows`, one per path (None: none), marks the rows
     that may be stored as float16; an image any other row needs is stored as float32.
+    `key` (None: `model_key` of the extractor) names the extractor in the store; with a key,
+    `extractor` may be a function that builds it, called only if an image is missing.
 
     Returns a StoredFeatures (memory-mapped, see tl_helpers.store), or an array when the store
     cannot be written (one warning line; the run goes on without the cache). Afterwards the
@@ -224,7 +232,9 @@ def cached_features(
     float16_rows = list(float16_rows) if float16_rows is not None else [False] * len(paths)
     if not paths:
         raise ValueError("cached_features: no images")
-    key = describable_key(extractor, image_size)
+    if not isinstance(extractor, keras.Model):
+        extractor = functools.cache(extractor)
+    key = key or describable_key(extractor, image_size)
     if key is None:
         print("Note: feature cache not used: the base model cannot be described.")
         return uncached_features(
@@ -303,7 +313,7 @@ def _pass(
             compute_into_store(
                 feature_store,
                 key,
-                extractor,
+                built(extractor),
                 missing_paths,
                 missing,
                 image_size,
@@ -346,8 +356,13 @@ def compute_into_store(
         start = end
 
 
+def built(extractor: keras.Model | Callable[[], keras.Model]) -> keras.Model:
+    """The extractor itself, or the model its function builds."""
+    return extractor if isinstance(extractor, keras.Model) else extractor()
+
+
 def uncached_features(
-    extractor: keras.Model,
+    extractor: keras.Model | Callable[[], keras.Model],
     paths: Sequence[str],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
@@ -362,6 +377,7 @@ def uncached_features(
     """
     paths = list(paths)
     views = list(views) if views is not None else [""] * len(paths)
+    extractor = built(extractor)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
     print(f"features: {len(paths):,} images, {len(paths):,} computed (feature cache off)")
     features = None

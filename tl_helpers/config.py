@@ -110,6 +110,7 @@ class Config:
     fine_tune_epochs: int = _default("fine_tune_epochs")
     fine_tune_learning_rate: float = _default("fine_tune_learning_rate")
     fine_tune_noise: bool = _default("fine_tune_noise")
+    fine_tune_quantized: bool = _default("fine_tune_quantized")
     seed: int = _default("seed")
     tensorboard_log_dir: Path | str | None = _default("tensorboard_log_dir")
     feature_cache: bool = _default("feature_cache")

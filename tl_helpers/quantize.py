@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
+import inspect
+import json
 import os
 import threading
 import time
@@ -59,6 +63,69 @@ class QuantizedModel:
     quantization_seconds: float
     export_seconds: float
     settings: dict[str, object]  # MCT settings that differ from its defaults
+
+
+@dataclass(frozen=True)
+class LowerQuantization:
+    """How the quantization step will quantize, known before training: its calibration images,
+    their batch size and the TPC version.
+
+    MCT sets the quantization of a layer from that layer's float outputs on the calibration
+    images, so the layers below the fine-tuning cut, which training never changes, are
+    quantized the same way whether MCT quantizes the base below the cut now or the whole
+    classifier after fine-tuning. Fine-tuning can then train on the very activations at the
+    cut that the quantized model will compute (docs/fine-tuning.md).
+    """
+
+    paths: tuple[str, ...]  # the calibration images, in order
+    image_size: int
+    batch_size: int
+    tpc_version: str
+
+    def quantize(self, model: keras.Model) -> keras.Model:
+        """`model` quantized as the quantization step quantizes the classifier."""
+        calibration = CalibrationData(self.paths, self.image_size, self.batch_size)
+        return quantize_model(model, calibration, self.tpc_version)
+
+    def key(self, model_key: str, calibration_digests: list[bytes]) -> str:
+        """A feature-store key for the outputs of `quantize(model)`, made without running MCT:
+        the float model's key, the calibration images' contents in order, the batch size, the
+        TPC version, MCT's version and the code that sets MCT up."""
+        description = {
+            "quantized": model_key,
+            "calibration": [digest.hex() for digest in calibration_digests],
+            "batch_size": self.batch_size,
+            "tpc_version": self.tpc_version,
+            "mct": importlib.metadata.version("model-compression-toolkit"),
+            "code": [
+                inspect.getsource(function)
+                for function in (quantize_model, quantization_config, target_platform)
+            ],
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def calibration_for(training: ImageFolder, config: Config) -> CalibrationData:
+    """The quantization step's calibration images (`calibration_batch_size` x
+    `calibration_batches` training images drawn with `seed`)."""
+    paths = calibration_paths(
+        training, config.calibration_batch_size, config.calibration_batches, config.seed
+    )
+    return CalibrationData(paths, config.input_tensor_size, config.calibration_batch_size)
+
+
+def lower_quantization(training: ImageFolder, config: Config) -> LowerQuantization | None:
+    """With "quantize", "fine_tune" and "fine_tune_quantized" on: how the quantization step
+    will quantize, for fine-tuning to train on the quantized base below the cut; else None."""
+    if not (config.quantize and config.fine_tune and config.fine_tune_quantized):
+        return None
+    calibration = calibration_for(training, config)
+    return LowerQuantization(
+        tuple(calibration.paths),
+        config.input_tensor_size,
+        config.calibration_batch_size,
+        config.imx500_tpc_version,
+    )
 
 
 @functools.cache
@@ -231,10 +298,8 @@ def quantize_for_imx500(
     check_quantizable(classifier)
     if config.convert_for_imx500:
         check_convertible(classifier)
-    paths = calibration_paths(
-        training, config.calibration_batch_size, config.calibration_batches, config.seed
-    )
-    calibration = CalibrationData(paths, config.input_tensor_size, config.calibration_batch_size)
+    calibration = calibration_for(training, config)
+    paths = calibration.paths
     print(
         f"Calibration: {len(paths)} of {len(training)} training images, {len(calibration)} "
         f"batches of up to {config.calibration_batch_size}; target {TARGET_PLATFORM.upper()}, "

@@ -24,7 +24,8 @@ from tl_helpers.dataset import ImageFolder
 from tl_helpers.distribute import Distribution, lost_worker_errors
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
-from tl_helpers.store import DEFAULT_MAX_BYTES, StoredFeatures
+from tl_helpers.quantize import LowerQuantization
+from tl_helpers.store import DEFAULT_MAX_BYTES, ConcatenatedRows, FeatureStore, StoredFeatures
 
 keras = tf.keras
 
@@ -53,10 +54,10 @@ class Features:
     # With fine-tuning: the base's cut, and the activations at the cut (flattened) of the same
     # rows as `train` and `validation`, from which the pooled features above were computed.
     # `train_activations` may go on with rows that only fine-tuning trains on (the views of
-    # augment.FINE_TUNE_VIEWS), whose class ids `fine_tune_ids` then holds; None: the same rows
-    # as `train`, `train_ids`.
+    # augment.FINE_TUNE_VIEWS, or the quantized base's activations), whose class ids
+    # `fine_tune_ids` then holds; None: the same rows as `train`, `train_ids`.
     split: finetune.Split | None = None
-    train_activations: np.ndarray | StoredFeatures | None = None
+    train_activations: np.ndarray | StoredFeatures | ConcatenatedRows | None = None
     validation_activations: np.ndarray | StoredFeatures | None = None
     train_is_stale: bool = False  # fine-tuned since `train` was pooled (see train_head)
     fine_tune_ids: np.ndarray | None = None
@@ -91,6 +92,7 @@ def compute_features(
     views: Sequence[str] = (),
     fine_tune_cut: str | None = None,
     fine_tune_noise: bool = False,
+    quantization: LowerQuantization | None = None,
 ) -> Features:
     """Run the preprocessing + frozen base + pooling once per image, reusing cached features.
 
@@ -109,11 +111,17 @@ def compute_features(
     With `fine_tune_noise` and a cut, fine-tuning also trains on the view "noise" of every
     training image (augment.FINE_TUNE_VIEWS): its activations follow the head's rows in
     `train_activations`; the head never sees them.
+    With a `quantization` (tl_helpers.quantize.lower_quantization) and a cut, those rows go
+    through the lower part as the quantized model will compute it (quantized by MCT as the
+    quantization step will quantize it), kept in the store under a key of their own
+    (`_quantized_rows`); without `fine_tune_noise`, the images as they are do.
     """
     split = None if fine_tune_cut is None else finetune.split_for(classifier, fine_tune_cut)
     extractor = split.lower if split else feature_extractor(classifier)
     has_validation = validation is not None and len(validation) > 0
-    tune_views = augment.FINE_TUNE_VIEWS if split is not None and fine_tune_noise else ()
+    quantized = split is not None and quantization is not None
+    noise = split is not None and fine_tune_noise
+    tune_views = augment.FINE_TUNE_VIEWS if noise and not quantized else ()
     all_views = ("", *views, *tune_views)
     train_paths = list(train.paths) * len(all_views)
     train_views = [view for view in all_views for _ in train.paths]
@@ -179,6 +187,26 @@ def compute_features(
         )
         if tune_views:
             features.fine_tune_ids = np.tile(class_ids, len(all_views))
+        if quantized:
+            print(
+                f"fine-tuning also on each training image{' with noise' if noise else ''} "
+                "through the base below the cut as the quantized model computes it "
+                f"({count + len(train.paths):,} fine-tuning rows)"
+            )
+            view = augment.FINE_TUNE_VIEWS[0] if noise else ""
+            rows = _quantized_rows(
+                split,
+                quantization,
+                train,
+                view,
+                image_size,
+                cache_dir,
+                batch_size,
+                max_bytes,
+                devices,
+            )
+            features.train_activations = ConcatenatedRows(vectors[:count], rows)
+            features.fine_tune_ids = np.tile(class_ids, len(all_views) + 1)
         if has_validation:
             features.validation_activations = vectors[count:]
     if has_validation:
@@ -188,6 +216,67 @@ def compute_features(
         features.validation_ids = np.asarray(validation.class_ids, dtype=np.int32)
         features.validation_paths = tuple(map(str, validation.paths))
     return features
+
+
+def _quantized_rows(
+    split: finetune.Split,
+    quantization: LowerQuantization,
+    train: ImageFolder,
+    view: str,
+    image_size: int,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    max_bytes: int,
+    devices: Sequence[str],
+) -> np.ndarray | StoredFeatures:
+    """The activations at the cut of every training image (in `view`) through the lower part
+    quantized by MCT (`quantization`), from the store when it has them: MCT runs only if one is
+    missing.
+
+    Their store key is made from the float lower part's key and how the quantization step will
+    quantize (`LowerQuantization.key`), so a re-run neither quantizes nor computes again.
+    """
+
+    def quantized_lower() -> keras.Model:
+        print(
+            f"Quantizing the base below the cut with MCT, as the quantization step will "
+            f"({len(quantization.paths)} calibration images, TPC {quantization.tpc_version})"
+        )
+        return quantization.quantize(split.lower)
+
+    paths = list(map(str, train.paths))
+    views = [view] * len(paths)
+    float16_rows = [True] * len(paths)
+    key = None if cache_dir is None else cache.describable_key(split.lower, image_size)
+    if key is not None:
+        try:
+            digests = FeatureStore(cache_dir, max_bytes).digests(quantization.paths)
+        except OSError:
+            key = None  # an unreadable store: cached_features has said so for the float rows
+    if key is None:
+        rows, _ = cache.uncached_features(
+            quantized_lower,
+            paths,
+            image_size,
+            batch_size,
+            views=views,
+            devices=devices,
+            float16_rows=float16_rows,
+        )
+        return rows
+    rows, _ = cache.cached_features(
+        quantized_lower,
+        paths,
+        image_size,
+        cache_dir,
+        batch_size,
+        max_bytes,
+        views=views,
+        devices=devices,
+        float16_rows=float16_rows,
+        key=quantization.key(key, digests),
+    )
+    return rows
 
 
 def compute_share(
