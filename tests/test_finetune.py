@@ -206,6 +206,27 @@ def test_a_named_cut_fine_tunes_a_users_base_and_the_head_can_train_again(tmp_pa
     np.testing.assert_allclose(np.asarray(features.train), direct, rtol=2e-3, atol=1e-4)
 
 
+def residual_features(
+    train_set, val_set, store, noise: bool, quantization=None
+) -> tuple[keras.Model, train.Features]:
+    """A classifier on `residual_base` (the same weights each call, so the same store entries)
+    and its features with the mirror view, cut at "add"."""
+    keras.utils.set_random_seed(5)
+    classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
+    found = train.compute_features(
+        classifier,
+        train_set,
+        val_set,
+        SIZE,
+        cache_dir=store,
+        views=("mirror",),
+        fine_tune_cut="add",
+        fine_tune_noise=noise,
+        quantization=quantization,
+    )
+    return classifier, found
+
+
 def test_noise_rows_fine_tune_but_never_train_the_head(tmp_path, capsys):
     """With `fine_tune_noise`, each training image's "noise" view is cached after the head's
     rows and fine-tuning trains on both; the head trains on its own rows only, a re-run
@@ -216,19 +237,7 @@ def test_noise_rows_fine_tune_but_never_train_the_head(tmp_path, capsys):
     store = tmp_path / "store"
 
     def features_of(noise: bool) -> tuple[keras.Model, train.Features]:
-        keras.utils.set_random_seed(5)  # the same base each time: the same store entries
-        classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
-        found = train.compute_features(
-            classifier,
-            train_set,
-            val_set,
-            SIZE,
-            cache_dir=store,
-            views=("mirror",),
-            fine_tune_cut="add",
-            fine_tune_noise=noise,
-        )
-        return classifier, found
+        return residual_features(train_set, val_set, store, noise)
 
     _, plain = features_of(False)
     capsys.readouterr()
@@ -287,19 +296,7 @@ def test_quantized_rows_are_what_the_quantized_model_computes_at_the_cut(tmp_pat
         return quantize.LowerQuantization(tuple(paths), SIZE, 4, "1.0")
 
     def features_of(quantization, noise=True) -> tuple[keras.Model, train.Features, str]:
-        keras.utils.set_random_seed(5)  # the same base each time: the same store entries
-        classifier = model.build_classifier(residual_base(), LABELS, SIZE, "zero_to_one")
-        found = train.compute_features(
-            classifier,
-            train_set,
-            val_set,
-            SIZE,
-            cache_dir=store,
-            views=("mirror",),
-            fine_tune_cut="add",
-            fine_tune_noise=noise,
-            quantization=quantization,
-        )
+        classifier, found = residual_features(train_set, val_set, store, noise, quantization)
         return classifier, found, capsys.readouterr().out
 
     quantization = lower_quantization(0)

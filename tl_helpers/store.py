@@ -341,7 +341,31 @@ def _map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
     return handle, array.reshape(shape)
 
 
-class StoredFeatures:
+class _Rows:
+    """A read-only float32 [n, dim] array-like: `len`, `shape`, `x[int]`, `x[int array]` and
+    `np.asarray(x)` from `take`; `x[start:stop]` from `_slice`."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+    dim: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.dim)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self._slice(item)
+        if isinstance(item, int | np.integer):
+            return self.take(np.array([item]))[0]
+        return self.take(np.asarray(item))
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.take(np.arange(len(self)))
+        return array if dtype is None else array.astype(dtype)
+
+
+class StoredFeatures(_Rows):
     """The features of a list of images, gathered from memory-mapped shards on demand.
 
     Behaves like a read-only float32 [n, dim] array (float16 entries are widened) for what
@@ -349,9 +373,6 @@ class StoredFeatures:
     `len`, `shape`, `x[start:stop]` (another StoredFeatures), `x[int array]` and `np.asarray(x)`
     (arrays); `tl_helpers.train.feature_dataset` makes it a tf.data source.
     """
-
-    dtype = np.dtype(np.float32)
-    ndim = 2
 
     def __init__(self, maps: ShardMaps, shard_of, row_of, dim: int):
         self.maps = maps
@@ -362,20 +383,8 @@ class StoredFeatures:
     def __len__(self) -> int:
         return len(self.shard_of)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.dim)
-
-    def __getitem__(self, item):
-        if isinstance(item, slice):
-            return StoredFeatures(self.maps, self.shard_of[item], self.row_of[item], self.dim)
-        if isinstance(item, int | np.integer):
-            return self.take(np.array([item]))[0]
-        return self.take(np.asarray(item))
-
-    def __array__(self, dtype=None, copy=None):
-        array = self.take(np.arange(len(self)))
-        return array if dtype is None else array.astype(dtype)
+    def _slice(self, item: slice) -> StoredFeatures:
+        return StoredFeatures(self.maps, self.shard_of[item], self.row_of[item], self.dim)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The features of entries `rows`, in that order, as a new array."""
@@ -395,15 +404,12 @@ class StoredFeatures:
             self.maps.array(int(shard))
 
 
-class ConcatenatedRows:
+class ConcatenatedRows(_Rows):
     """The rows of several arrays or StoredFeatures of one width, one after the other.
 
     Read like a StoredFeatures (`len`, `shape`, slices, integer-array indexing,
     `np.asarray`), without copying the parts: fine-tuning's rows from two extractors.
     """
-
-    dtype = np.dtype(np.float32)
-    ndim = 2
 
     def __init__(self, *parts) -> None:
         widths = {part.shape[1] for part in parts}
@@ -416,26 +422,14 @@ class ConcatenatedRows:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.dim)
-
-    def __getitem__(self, item):
-        if isinstance(item, slice):
-            rows = np.arange(len(self))[item]
-            if len(rows) and (np.diff(rows) == 1).all():
-                part = int(np.searchsorted(self.starts, rows[0], side="right")) - 1
-                if rows[-1] < self.starts[part + 1]:  # within one part: a view of it
-                    offset = self.starts[part]
-                    return self.parts[part][rows[0] - offset : rows[-1] + 1 - offset]
-            return self.take(rows)
-        if isinstance(item, int | np.integer):
-            return self.take(np.array([item]))[0]
-        return self.take(np.asarray(item))
-
-    def __array__(self, dtype=None, copy=None):
-        array = self.take(np.arange(len(self)))
-        return array if dtype is None else array.astype(dtype)
+    def _slice(self, item: slice):
+        rows = np.arange(len(self))[item]
+        if len(rows) and (np.diff(rows) == 1).all():
+            part = int(np.searchsorted(self.starts, rows[0], side="right")) - 1
+            if rows[-1] < self.starts[part + 1]:  # within one part: a view of it
+                offset = self.starts[part]
+                return self.parts[part][rows[0] - offset : rows[-1] + 1 - offset]
+        return self.take(rows)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The rows `rows`, in that order, as a new float32 array."""
