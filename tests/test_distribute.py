@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import NOTEBOOK, ROOT, make_dataset, tiny_base_model, write_config
 
-from tl_helpers import config, distribute
+from tl_helpers import config, convert, dataset, distribute, quantize
 from tl_helpers.errors import TLError
 from tl_helpers.inference import keras_runner
 
@@ -121,8 +121,17 @@ def test_only_the_chief_writes_where_the_configuration_says(tmp_path):
     theirs = distribute.for_this_worker(cfg, other)
     for key in ("output_dir", "evaluate_result_dir"):
         assert not Path(getattr(theirs, key)).is_relative_to(tmp_path), key
-    assert not theirs.quantize and not theirs.convert_for_imx500
     assert theirs.feature_cache_dir == cfg.feature_cache_dir  # the store stays shared
+    # Quantization and conversion are the chief's; the worker trains on the same rows.
+    assert cfg.chief and not theirs.chief
+    assert quantize.quantize_for_imx500(None, None, LABELS, theirs) is None
+    skipped = convert.convert_for_imx500(None, LABELS, theirs)
+    assert not skipped.ran and skipped.reason == "the chief worker converts"
+    train_set = dataset.scan_image_folder(tmp_path / "data" / "training", LABELS)
+    assert quantize.lower_quantization(train_set, theirs) == quantize.lower_quantization(
+        train_set, cfg
+    )
+    assert quantize.lower_quantization(train_set, cfg) is not None
 
 
 # --------------------------------------------------------------------------- fresh processes

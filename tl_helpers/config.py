@@ -126,10 +126,13 @@ class Config:
     imx500_input_persistency: bool = _default("imx500_input_persistency")
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    # False on the other workers of a multi-worker run (distribute.for_this_worker): they train
+    # as the chief does, but only the chief writes, quantizes and converts.
+    chief: bool = True
 
     def summary(self) -> str:
         """Return the resolved settings as a `key = value` table, for the notebook to show."""
-        names = [f.name for f in fields(self) if f.name not in ("base_dir", "raw")]
+        names = [f.name for f in fields(self) if f.name not in ("base_dir", "raw", "chief")]
         width = max(len(name) for name in names)
         lines = [f"{CONFIG_FILE_NAME} in {self.base_dir}"]
         lines += [f"  {name:<{width}} = {self._shown(name)}" for name in names]

@@ -454,7 +454,9 @@ def convert_for_imx500(
     on (results.json records that the conversion did not run); a failing conversion stops.
     """
     reason = None
-    if quantized is None:
+    if not config.chief:
+        reason = "the chief worker converts"
+    elif quantized is None:
         reason = 'quantization is off ("quantize": false)'
     elif not config.convert_for_imx500:
         reason = 'conversion is off ("convert_for_imx500": false)'

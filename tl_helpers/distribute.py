@@ -318,7 +318,9 @@ def for_this_worker(cfg: Config, distribution: Distribution) -> Config:
 
     As TensorFlow's multi-worker guide recommends, a worker that is not the chief runs every
     step but writes its model, results and figures to a temporary folder, deleted when the
-    process ends, and skips quantization and conversion; the feature store stays shared.
+    process ends, and skips quantization and conversion (`chief` False); the feature store
+    stays shared. Its quantization settings stay the chief's, so that fine-tuning trains on
+    the same rows on every worker (`quantize.lower_quantization`).
     """
     if distribution.is_chief:
         return cfg
@@ -330,6 +332,5 @@ def for_this_worker(cfg: Config, distribution: Distribution) -> Config:
         output_dir=Path(scratch, "output"),
         evaluate_result_dir=Path(scratch, "evaluation"),
         tensorboard_log_dir=Path(scratch, "tensorboard") if cfg.tensorboard_log_dir else None,
-        quantize=False,
-        convert_for_imx500=False,
+        chief=False,
     )

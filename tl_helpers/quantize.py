@@ -295,6 +295,9 @@ def quantize_for_imx500(
     if not config.quantize:
         print('Quantization is off: set "quantize": true in configuration.json to run it.')
         return None
+    if not config.chief:
+        print("Quantization: the chief worker quantizes; this worker does not.")
+        return None
     check_quantizable(classifier)
     if config.convert_for_imx500:
         check_convertible(classifier)
