@@ -7,8 +7,8 @@ are, then each view), timed once; then for each seed the head is trained on the 
 features (`train.train_head`), its Top-1 measured, then the base above the cut and the head
 are fine-tuned (`train.fine_tune`: Adam, cosine decay from --learning-rate; with the "noise"
 view of each training image as well, as `fine_tune_noise` does by default, unless --no-noise;
-with --quantized-rows, each training image's activations at the cut through the lower part
-quantized by MCT instead, as `fine_tune_quantized` does when `quantize` is on)
+with --quantized-rows, those rows (or, with --no-noise, the images as they are) go through
+the lower part quantized by MCT, as `fine_tune_quantized` does when `quantize` is on)
 and Top-1 measured again, on every validation image (never augmented; nothing is chosen on it
 within a run).
 "first run" = the passes + the pooled features from the activations + head training +
@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quantized-rows",
         action="store_true",
-        help="fine_tune_quantized: fine-tune on the quantized lower part's rows (not noise)",
+        help="fine_tune_quantized: the fine-tuning-only rows go through the quantized lower part",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")

@@ -54,7 +54,7 @@ class Features:
     # With fine-tuning: the base's cut, and the activations at the cut (flattened) of the same
     # rows as `train` and `validation`, from which the pooled features above were computed.
     # `train_activations` may go on with rows that only fine-tuning trains on (the views of
-    # augment.FINE_TUNE_VIEWS, or the quantized base's activations), whose class ids
+    # augment.FINE_TUNE_VIEWS, through the float or the quantized lower part), whose class ids
     # `fine_tune_ids` then holds; None: the same rows as `train`, `train_ids`.
     split: finetune.Split | None = None
     train_activations: np.ndarray | StoredFeatures | ConcatenatedRows | None = None
