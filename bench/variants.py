@@ -24,10 +24,11 @@ from pathlib import Path
 
 MB = 1_000_000
 # A notebook cell's phase: the first pattern its source matches (order matters: the training
-# cell also names tl.plots, the figures cell also names tl.dataset).
+# cell also names tl.plots, the figures cell also names tl.dataset, the features cell names
+# tl.quantize.lower_quantization, the quantized-results cell also saves results.json).
 CELL_PHASES = (
-    ("quantization", r"quantiz"),  # first: the quantized-results cell also saves results.json
     ("backbone", r"\.compute_features\("),
+    ("quantization", r"quantiz"),
     ("training", r"\.train_head\("),
     ("fine-tuning", r"\.fine_tune\("),
     ("save", r"\.save_model\("),

@@ -147,6 +147,72 @@ def test_fine_tuning_changes_only_the_layers_above_the_cut(tuned):
     assert not any(layer.trainable for layer in base.layers)  # the classifier stays frozen
 
 
+def normalized_base() -> keras.Model:
+    """Convolutions with BatchNormalization after them, as in MobileNetV2, and two that cannot
+    be folded: a normalization after an Add, and a convolution that a second layer reads."""
+    inputs = keras.Input((6, 6, 4))
+    x = keras.layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
+    x = keras.layers.BatchNormalization(name="expand_BN")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_BN")(x)
+    y = keras.layers.Conv2D(16, 1, name="shared")(x)
+    z = keras.layers.BatchNormalization(name="shared_BN")(y)
+    x = keras.layers.Add(name="add")([y, z])
+    x = keras.layers.BatchNormalization(name="add_BN")(x)
+    base = keras.Model(inputs, x)
+    rng = np.random.default_rng(0)
+    for layer in base.layers:  # statistics and weights far from a normalization's identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 2, gamma.shape),
+                    rng.normal(0, 1, beta.shape),
+                    rng.normal(0, 1, mean.shape),
+                    rng.uniform(0.1, 3, variance.shape),
+                ]
+            )
+    base.trainable = False  # as the classifier's base is
+    return base
+
+
+def test_frozen_normalizations_are_folded_with_the_same_function_and_gradients():
+    """The training copy folds each normalization into the convolution before it, and computes
+    what the frozen original computes, with the same gradients for every trained weight."""
+    base = normalized_base()
+    copy = finetune.folded_copy(base)
+    assert [layer.name for layer in copy.layers] == [layer.name for layer in base.layers]
+    kinds = {layer.name: type(layer).__name__ for layer in copy.layers}
+    assert kinds["expand"] == "FoldedConv2D" and kinds["dw"] == "FoldedDepthwiseConv2D"
+    assert kinds["expand_BN"] == kinds["dw_BN"] == "Activation"
+    # "shared" is read by the Add too; "add_BN" follows no convolution: both stay as they are.
+    assert kinds["shared"] == "Conv2D" and kinds["shared_BN"] == "BatchNormalization"
+    assert kinds["add_BN"] == "BatchNormalization"
+    assert not copy.get_layer("shared_BN").trainable and copy.get_layer("dw").trainable
+    frozen = keras.models.clone_model(base)  # the copy before folding existed
+    frozen.set_weights(base.get_weights())
+    for layer in frozen.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    assert len(copy.trainable_weights) == len(frozen.trainable_weights) == 5
+    x = tf.constant(np.random.default_rng(1).normal(0, 1, (4, 6, 6, 4)), tf.float32)
+    target = tf.constant(np.random.default_rng(2).normal(0, 1, (4, 6, 6, 16)), tf.float32)
+    results = []
+    for network in (frozen, copy):
+        with tf.GradientTape() as tape:
+            out = network(x, training=True)
+            loss = tf.reduce_mean((out - target) ** 2)
+        results.append(
+            (out.numpy(), [g.numpy() for g in tape.gradient(loss, network.trainable_weights)])
+        )
+    (out_frozen, grads_frozen), (out_copy, grads_copy) = results
+    np.testing.assert_allclose(out_copy, out_frozen, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_copy, grads_frozen, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+        assert np.abs(b).max() > 0
+
+
 def test_activations_are_cached_and_a_rerun_computes_none(tuned, capsys):
     capsys.readouterr()
     fresh = model.build_classifier(model.load_base_model(None, SIZE, 0.35), LABELS, SIZE)

@@ -216,14 +216,12 @@ def fine_tune_model(classifier: keras.Model, split: Split) -> keras.Model:
     """A trainable copy of the base above the cut plus the head, on flattened activations.
 
     A copy, so that it can be built in a distribution strategy's scope: its weights start as
-    the classifier's and go back with `copy_back`. BatchNormalization layers are frozen (not
-    trainable, which in Keras also keeps them in inference mode); every other layer above the
-    cut trains.
+    the classifier's and go back with `copy_back`. BatchNormalization layers are frozen (kept
+    in inference mode with their statistics and weights as loaded); every other layer above
+    the cut trains. A frozen normalization right after a convolution is folded into it
+    (`folded_copy`): the same function and the same trainable kernel, computed faster.
     """
-    upper_base = keras.models.clone_model(split.upper_base)
-    upper_base.set_weights(split.upper_base.get_weights())
-    for layer in upper_base.layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    upper_base = folded_copy(split.upper_base)
     inputs = keras.Input(shape=(split.size,), name="activations")
     x = keras.layers.Reshape(split.shape)(inputs)
     x = upper_base(x)
@@ -236,11 +234,130 @@ def fine_tune_model(classifier: keras.Model, split: Split) -> keras.Model:
     return keras.Model(inputs, outputs, name="fine_tune")
 
 
+def folded_copy(model: keras.Model) -> keras.Model:
+    """A copy of `model` for training with BatchNormalization frozen, layer for layer.
+
+    Each convolution whose only consumer is a BatchNormalization becomes a convolution with
+    the normalization folded in (`FoldedConv2D`, `FoldedDepthwiseConv2D`: the same kernel
+    variable, times the normalization's per-channel scale, plus its offset) and the
+    normalization becomes an identity layer of the same name; other BatchNormalization layers
+    stay, not trainable. The function is the same, and so is every gradient of the kernel, but
+    a training step no longer runs the normalization's forward and backward operations over
+    the activations: MobileNetV2's top blocks train 1.6-1.7x as fast on a CPU
+    (docs/fine-tuning.md). The copy's layers are in the same order as `model`'s.
+    """
+    folds = _foldable_pairs(model)
+    norms = {bn.name for _, bn in folds.values()}
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if layer.name in folds:
+            conv, bn = folds[layer.name]
+            return _folded(conv, bn)
+        if layer.name in norms:
+            return keras.layers.Activation("linear", name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for original, cloned in zip(model.layers, copy.layers, strict=True):
+        if cloned.weights:
+            cloned.set_weights(original.get_weights())
+        cloned.trainable = not isinstance(cloned, keras.layers.BatchNormalization)
+    return copy
+
+
+class _Folded:
+    """What both folded convolutions add: the frozen normalization's per-channel scale and
+    offset, as constants (not weights: the layer's weights stay the convolution's own)."""
+
+    def __init__(self, scale: np.ndarray, offset: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = tf.constant(scale, dtype=tf.float32)
+        self.offset = tf.constant(offset, dtype=tf.float32)
+
+    def folded_offset(self) -> tf.Tensor:
+        """The offset added after the convolution (a convolution's own bias is scaled too)."""
+        return self.offset + self.bias * self.scale if self.use_bias else self.offset
+
+
+class FoldedConv2D(_Folded, keras.layers.Conv2D):
+    """Conv2D followed by a frozen BatchNormalization: conv(x, kernel * scale) + offset."""
+
+    def call(self, inputs):
+        outputs = self.convolution_op(inputs, self.kernel * self.scale)
+        return self.activation(tf.nn.bias_add(outputs, self.folded_offset()))
+
+
+class FoldedDepthwiseConv2D(_Folded, keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D followed by a frozen BatchNormalization, folded like FoldedConv2D."""
+
+    def call(self, inputs):
+        # Output channel c * multiplier + m comes from input channel c and kernel slice m.
+        scale = tf.reshape(self.scale, self.depthwise_kernel.shape[2:])
+        outputs = keras.backend.depthwise_conv2d(
+            inputs,
+            self.depthwise_kernel * scale,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self.activation(tf.nn.bias_add(outputs, self.folded_offset()))
+
+
+def _foldable_pairs(model: keras.Model) -> dict[str, tuple[keras.layers.Layer, keras.layers.Layer]]:
+    """Convolution name -> (convolution, BatchNormalization) for each normalization that is
+    the only reader, in `model`'s graph, of the output of a plain channels-last convolution with
+    no activation (an output of `model` is read outside it)."""
+    calls = {
+        layer.name: [
+            node
+            for index, node in enumerate(layer._inbound_nodes)
+            if f"{layer.name}_ib-{index}" in model._network_nodes
+        ]
+        for layer in model.layers
+    }
+    consumers = {id(tensor): 1 for tensor in model.outputs}  # an output is read outside
+    for nodes in calls.values():
+        for node in nodes:
+            for tensor in tf.nest.flatten(node.keras_inputs):
+                consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+    pairs = {}
+    for bn in model.layers:
+        if not isinstance(bn, keras.layers.BatchNormalization) or len(calls[bn.name]) != 1:
+            continue
+        conv = calls[bn.name][0].inbound_layers
+        if (
+            type(conv) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+            and conv.data_format == "channels_last"
+            and getattr(conv, "groups", 1) == 1
+            and conv.activation is keras.activations.linear
+            and len(calls.get(conv.name, ())) == 1
+            and consumers.get(id(calls[conv.name][0].outputs)) == 1
+            and list(bn.axis) in ([3], [-1])
+        ):
+            pairs[conv.name] = (conv, bn)
+    return pairs
+
+
+def _folded(conv: keras.layers.Layer, bn: keras.layers.Layer) -> keras.layers.Layer:
+    """`conv` with the frozen `bn` after it folded in (its scale and offset, as constants)."""
+    mean, variance = (np.asarray(v, dtype=np.float64) for v in (bn.moving_mean, bn.moving_variance))
+    gamma = np.asarray(bn.gamma, dtype=np.float64) if bn.scale else np.ones_like(mean)
+    beta = np.asarray(bn.beta, dtype=np.float64) if bn.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(variance + bn.epsilon)
+    offset = beta - mean * scale
+    kind = FoldedConv2D if type(conv) is keras.layers.Conv2D else FoldedDepthwiseConv2D
+    return kind(scale.astype(np.float32), offset.astype(np.float32), **conv.get_config())
+
+
 def copy_back(classifier: keras.Model, split: Split, trained: keras.Model) -> None:
-    """Copy the fine-tuned weights into the classifier's base above the cut and its head."""
+    """Copy the fine-tuned weights into the classifier's base above the cut and its head.
+
+    BatchNormalization layers were frozen (or folded into their convolution): theirs stay as
+    loaded."""
     copy = next(layer for layer in trained.layers if isinstance(layer, keras.Model))
     for original, tuned in zip(split.upper_base.layers, copy.layers, strict=True):
-        if original.weights:
+        if original.weights and not isinstance(original, keras.layers.BatchNormalization):
             original.set_weights(tuned.get_weights())
     classifier.get_layer(PREDICTIONS_LAYER).set_weights(
         trained.get_layer(PREDICTIONS_LAYER).get_weights()
