@@ -208,7 +208,7 @@ def markdown_report(summary: dict) -> str:
         f"feature cache {s['feature_cache']}.  ",
         f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), {m['memory_gib']} GiB RAM; load "
         f"average {m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} "
-        f"after. {m['date_utc']}, commit {m['git_commit']}"
+        f"after. {m['date_utc']}, commit {m['git_commit'] or 'unknown (not run in a git checkout)'}"
         + (" + uncommitted changes" if m["git_dirty"] else "")
         + ".  ",
         f"Command: `{s['command']}`"
