@@ -154,6 +154,8 @@ def normalized_base() -> keras.Model:
     x = keras.layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
     x = keras.layers.BatchNormalization(name="expand_BN")(x)
     x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.Conv2D(8, 1, name="biased")(x)  # a convolution with a bias of its own
+    x = keras.layers.BatchNormalization(name="biased_BN")(x)
     x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)
     x = keras.layers.BatchNormalization(name="dw_BN")(x)
     y = keras.layers.Conv2D(16, 1, name="shared")(x)
@@ -184,8 +186,9 @@ def test_frozen_normalizations_are_folded_with_the_same_function_and_gradients()
     copy = finetune.folded_copy(base)
     assert [layer.name for layer in copy.layers] == [layer.name for layer in base.layers]
     kinds = {layer.name: type(layer).__name__ for layer in copy.layers}
-    assert kinds["expand"] == "FoldedConv2D" and kinds["dw"] == "FoldedDepthwiseConv2D"
-    assert kinds["expand_BN"] == kinds["dw_BN"] == "Activation"
+    assert kinds["expand"] == kinds["biased"] == "FoldedConv2D"
+    assert kinds["dw"] == "FoldedDepthwiseConv2D"
+    assert kinds["expand_BN"] == kinds["biased_BN"] == kinds["dw_BN"] == "Activation"
     # "shared" is read by the Add too; "add_BN" follows no convolution: both stay as they are.
     assert kinds["shared"] == "Conv2D" and kinds["shared_BN"] == "BatchNormalization"
     assert kinds["add_BN"] == "BatchNormalization"
@@ -194,7 +197,7 @@ def test_frozen_normalizations_are_folded_with_the_same_function_and_gradients()
     frozen.set_weights(base.get_weights())
     for layer in frozen.layers:
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    assert len(copy.trainable_weights) == len(frozen.trainable_weights) == 5
+    assert len(copy.trainable_weights) == len(frozen.trainable_weights) == 7
     x = tf.constant(np.random.default_rng(1).normal(0, 1, (4, 6, 6, 4)), tf.float32)
     target = tf.constant(np.random.default_rng(2).normal(0, 1, (4, 6, 6, 16)), tf.float32)
     results = []
