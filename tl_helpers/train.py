@@ -200,6 +200,7 @@ def compute_features(
                 train,
                 view,
                 image_size,
+                None if cache_dir is None else report.key,
                 cache_dir,
                 batch_size,
                 max_bytes,
@@ -224,6 +225,7 @@ def _quantized_rows(
     train: ImageFolder,
     view: str,
     image_size: int,
+    lower_key: str | None,
     cache_dir: str | Path | None,
     batch_size: int,
     max_bytes: int,
@@ -233,8 +235,9 @@ def _quantized_rows(
     quantized by MCT (`quantization`), from the store when it has them: MCT runs only if one is
     missing.
 
-    Their store key is made from the float lower part's key and how the quantization step will
-    quantize (`LowerQuantization.key`), so a re-run neither quantizes nor computes again.
+    Their store key is made from the float lower part's key (`lower_key`, the key of the float
+    rows' pass; None: no store) and how the quantization step will quantize
+    (`LowerQuantization.key`), so a re-run neither quantizes nor computes again.
     """
 
     def quantized_lower() -> keras.Model:
@@ -247,7 +250,7 @@ def _quantized_rows(
     paths = list(map(str, train.paths))
     views = [view] * len(paths)
     float16_rows = [True] * len(paths)
-    key = None if cache_dir is None else cache.describable_key(split.lower, image_size)
+    key = lower_key
     if key is not None:
         try:
             digests = FeatureStore(cache_dir, max_bytes).digests(quantization.paths)
