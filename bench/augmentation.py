@@ -104,7 +104,8 @@ def quantized_top1(
 ) -> dict[str, float]:
     """Quantized .keras and int8 .tflite Top-1 on every validation image, quantized as
     bench/calibration.py does (`batches` x 50 calibration images drawn with
-    `calibration_seed`; 10 batches = 500 images, the notebook's default is 4)."""
+    `calibration_seed`; 10 batches = 500 images, the notebook's default is 4), with each
+    file's tied top scores and the threshold of the quantized logits."""
     import tl_helpers as tl
 
     paths = tl.calibration.calibration_paths(train, 50, batches, calibration_seed)
@@ -117,7 +118,22 @@ def quantized_top1(
     return {
         "keras": reports["quantized_keras"]["top_1_accuracy"],
         "tflite": reports["quantized_tflite"]["top_1_accuracy"],
+        "keras_ties": reports["quantized_keras"]["top_score_ties"],
+        "tflite_ties": reports["quantized_tflite"]["top_score_ties"],
+        "logits_threshold": logits_threshold(quantized),
     }
+
+
+def logits_threshold(quantized) -> float | None:
+    """The threshold of the 8-bit quantizer of the logits (the input of the softmax) in
+    MCT's quantized model: the logits' grid step is threshold / 128."""
+    layers = quantized.layers
+    for index, layer in enumerate(layers):
+        if "Softmax" in type(layer).__name__ and index > 0:
+            config = layers[index - 1].get_config().get("activation_holder_quantizer", {})
+            threshold = config.get("config", {}).get("threshold")
+            return float(threshold[0]) if threshold else None
+    return None
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:

@@ -8,8 +8,9 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 
 - project:    the notebook itself: its code cells executed in order, each timed and booked to
               a phase; the feature cache in a new empty folder (a first run), or off;
-- project_head: the same with "augmentation": "none" and "fine_tune": false: the head alone
-              on the pooled features (the pipeline before views and fine-tuning existed);
+- project_head: the same with "augmentation": "none", "fine_tune": false and
+              "label_smoothing": 0: the head alone on the pooled features (the pipeline before
+              views, fine-tuning and label smoothing existed);
 - project_2x: the same on a copy of the dataset twice as large, for memory scaling;
 - project_quantize: the same with "quantize": true, to time the quantization step's parts
               (MCT, calibration loading, export, quantized evaluation);
@@ -387,7 +388,7 @@ def write_configuration(
         "quantize": quantize,
     }
     if head_only:
-        settings.update({"augmentation": "none", "fine_tune": False})
+        settings.update({"augmentation": "none", "fine_tune": False, "label_smoothing": 0})
     settings.update(extra or {})
     settings.update(feature_cache_settings(config.SCHEMA_PATH, cache_mode, work / "feature_cache"))
     (work / "configuration.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")

@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
         help="fine_tune_quantized: the fine-tuning-only rows go through the quantized lower part",
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="of head training and fine-tuning"
+    )
     parser.add_argument("--quantize", action="store_true", help="quantized Top-1 of seed 0")
     parser.add_argument(
         "--quantize-every-seed", action="store_true", help="with --quantize: every seed's"
@@ -158,7 +161,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                 pooled_seconds = time.perf_counter() - start  # store read + pooled features
                 tl.train.setup_tensorflow(seed)
                 start = time.perf_counter()
-                tl.train.train_head(classifier, features, args.epochs, args.batch_size, verbose=0)
+                tl.train.train_head(
+                    classifier,
+                    features,
+                    args.epochs,
+                    args.batch_size,
+                    verbose=0,
+                    label_smoothing=args.label_smoothing,
+                )
                 head_seconds = time.perf_counter() - start
                 head_top1 = top1(classifier, features)
                 start = time.perf_counter()
@@ -170,6 +180,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     args.learning_rate,
                     verbose=0,
                     decay=not args.constant_lr,
+                    label_smoothing=args.label_smoothing,
                 )
                 fine_seconds = time.perf_counter() - start
                 row = {
@@ -181,6 +192,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
                     "fine_tune_rows": len(features.train_activations),
                     "fine_tune_noise": args.noise,
                     "fine_tune_quantized": quantization is not None,
+                    "label_smoothing": args.label_smoothing,
                     "activation_size": features.split.size,
                     "head_top1": head_top1,
                     "fine_tuned_top1": top1(classifier, features),

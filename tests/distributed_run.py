@@ -81,6 +81,7 @@ def main() -> None:
         cfg.learning_rate,
         verbose=0,
         distribution=distribution,
+        label_smoothing=cfg.label_smoothing,
     )
     tuned = train.fine_tune(
         classifier,
@@ -90,6 +91,7 @@ def main() -> None:
         cfg.fine_tune_learning_rate,
         verbose=0,
         distribution=distribution,
+        label_smoothing=cfg.label_smoothing,
     )
     model_dir = export.save_model(classifier, cfg.output_dir, labels)
     results = evaluate.evaluate_saved_model(model_dir, val_set, cfg.input_tensor_size)

@@ -393,6 +393,8 @@ def test_integer_keys_refuse_other_types(
         ("seed", 2**32, "an integer from 0 to 4294967295"),
         ("learning_rate", 0, "a number > 0 and <= 1"),
         ("learning_rate", 1.5, "a number > 0 and <= 1"),
+        ("label_smoothing", -0.1, "a number from 0 to 0.5"),
+        ("label_smoothing", 0.6, "a number from 0 to 0.5"),
         ("mobilenet_alpha", 0.6, "one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4"),
     ],
 )

@@ -111,6 +111,42 @@ def test_one_call_per_epoch_trains_the_model_step_by_step_fit_trains(trained):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_label_smoothing_spreads_the_target_over_every_output():
+    """The smoothed loss is the cross-entropy against 1 - e on the true class plus e / K on
+    each of the K outputs (a gap in the class ids is an output too)."""
+    probabilities = np.array([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.4, 0.1]], np.float32)
+    ids = np.array([[0], [2]])
+    loss = train.cross_entropy(4, 0.2)(tf.constant(ids), tf.constant(probabilities)).numpy()
+    targets = np.full((2, 4), 0.2 / 4) + 0.8 * np.eye(4)[[0, 2]]
+    expected = -(targets * np.log(probabilities)).sum(axis=1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert train.cross_entropy(4, 0.0) == "sparse_categorical_crossentropy"
+
+
+def test_label_smoothing_keeps_the_logits_of_unlikely_classes_near_the_highest(trained):
+    """Trained long on a tiny separable set, plain cross-entropy pushes the true class's
+    probability to 1 and the other logits far below; with label smoothing the head learns the
+    smoothed target instead (1 - e + e / K), so its logits span a few units."""
+    f = trained["features"]
+    labels = trained["labels"]
+    outputs = trained["classifier"].output_shape[-1]  # ids 0, 1, 3, 4: five outputs
+    spans, tops = {}, {}
+    for smoothing in (0.0, 0.3):
+        classifier = _classifier_with_features_of_size(f.train.shape[1], labels)
+        keras.utils.set_random_seed(0)
+        features = train.Features(np.asarray(f.train), f.train_ids)
+        train.train_head(classifier, features, 300, 8, 0.05, verbose=0, label_smoothing=smoothing)
+        head = classifier.get_layer(model.PREDICTIONS_LAYER)
+        logits = np.asarray(f.train) @ head.kernel.numpy() + head.bias.numpy()
+        probabilities = head(np.asarray(f.train)).numpy()
+        true = probabilities[np.arange(len(f.train_ids)), f.train_ids]
+        tops[smoothing] = float(np.median(true))
+        spans[smoothing] = float(np.median(logits.max(axis=1) - logits.min(axis=1)))
+    assert tops[0.0] > 0.98
+    assert abs(tops[0.3] - (0.7 + 0.3 / outputs)) < 0.05
+    assert spans[0.3] < spans[0.0] / 2
+
+
 def test_full_model_matches_head_on_cached_features(trained):
     """The classifier (preprocessing + base + pooling + head) equals head(features)."""
     classifier, f = trained["classifier"], trained["features"]

@@ -104,6 +104,7 @@ class Config:
     mobilenet_alpha: float = _default("mobilenet_alpha")
     preprocessing: str = _default("preprocessing")
     learning_rate: float = _default("learning_rate")
+    label_smoothing: float = _default("label_smoothing")
     augmentation: str = _default("augmentation")
     fine_tune: bool = _default("fine_tune")
     fine_tune_cut: str = _default("fine_tune_cut")

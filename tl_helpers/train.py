@@ -341,6 +341,7 @@ def train_head(
     verbose: int = 2,
     callbacks: list | None = None,
     distribution: Distribution | None = None,
+    label_smoothing: float = 0.0,
 ) -> keras.callbacks.History:
     """Train the softmax head on the stored features and copy it into the classifier.
 
@@ -361,6 +362,7 @@ def train_head(
             # a whole epoch's steps in one call (same batches, same updates, same model).
             math.ceil(len(features.train) / batch_size),
             distribution,
+            label_smoothing,
         )
         history = _fit(
             head,
@@ -387,6 +389,7 @@ def fine_tune(
     callbacks: list | None = None,
     distribution: Distribution | None = None,
     decay: bool = True,
+    label_smoothing: float = 0.0,
 ) -> keras.callbacks.History | None:
     """Train the base above the cut together with the (already trained) head, from the
     activations at the cut, and copy the result into the classifier.
@@ -415,6 +418,7 @@ def fine_tune(
             rate,
             finetune.steps_per_execution(rows, batch_size),
             distribution,
+            label_smoothing,
         )
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         print(
@@ -448,21 +452,47 @@ def fine_tune(
 
 
 def _compiled(
-    build, learning_rate, steps_per_execution: int, distribution: Distribution | None
+    build,
+    learning_rate,
+    steps_per_execution: int,
+    distribution: Distribution | None,
+    label_smoothing: float = 0.0,
 ) -> keras.Model:
     """`build()`'s model, built and compiled (Adam at `learning_rate`, a rate or a schedule;
-    sparse cross-entropy) in the distribution's strategy scope, so Keras splits each batch
-    between the replicas and keeps their weights in step."""
+    cross-entropy, see `cross_entropy`) in the distribution's strategy scope, so Keras splits
+    each batch between the replicas and keeps their weights in step."""
     strategy = distribution.strategy if distribution else tf.distribute.get_strategy()
     with strategy.scope():
         model = build()
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate),
-            loss="sparse_categorical_crossentropy",
+            loss=cross_entropy(model.output_shape[-1], label_smoothing),
             metrics=["accuracy"],
             steps_per_execution=steps_per_execution,
         )
     return model
+
+
+def cross_entropy(num_outputs: int, label_smoothing: float = 0.0):
+    """The training loss for class ids and softmax outputs: cross-entropy, with the target
+    `1 - label_smoothing` on the true class and the rest spread over all `num_outputs`.
+
+    Label smoothing keeps every logit within a few units of the highest (without it, those of
+    unlikely classes are pushed ever lower), which gives the 8-bit quantized model's logits a
+    finer grid and fewer tied top scores; off by default, as it cost Top-1 on clothing10
+    (docs/quantization.md, "Label smoothing").
+    """
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+
+    def smoothed_cross_entropy(class_ids: tf.Tensor, probabilities: tf.Tensor) -> tf.Tensor:
+        ids = tf.cast(tf.reshape(class_ids, [-1]), tf.int32)
+        targets = tf.one_hot(ids, num_outputs, dtype=probabilities.dtype)
+        return keras.losses.categorical_crossentropy(
+            targets, probabilities, label_smoothing=label_smoothing
+        )
+
+    return smoothed_cross_entropy
 
 
 def _fit(
