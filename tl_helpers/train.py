@@ -348,6 +348,7 @@ def train_head(
     With a `distribution`, the head is built and compiled in its strategy's scope, so Keras
     splits each batch of `batch_size` (all replicas together) between the replicas and keeps
     their weights in step; with several workers, every worker must call this together.
+    `label_smoothing`: see `cross_entropy`.
     """
     num_classes = classifier.output_shape[-1]
     if features.train_is_stale:  # the head cell run again after fine-tuning: pool anew
@@ -400,7 +401,7 @@ def fine_tune(
     weights, the ones kept, come from small steps. Returns None (and changes nothing) when
     `features` has no cut (fine-tuning off, or no cut for this base). The validation rows'
     pooled features are then recomputed with the fine-tuned layers, so that evaluation from
-    features sees the saved model's own base.
+    features sees the saved model's own base. `label_smoothing`: see `cross_entropy`.
     """
     split = features.split
     if split is None or epochs == 0:
@@ -474,8 +475,8 @@ def _compiled(
 
 
 def cross_entropy(num_outputs: int, label_smoothing: float = 0.0):
-    """The training loss for class ids and softmax outputs: cross-entropy, with the target
-    `1 - label_smoothing` on the true class and the rest spread over all `num_outputs`.
+    """The training loss for class ids and softmax outputs: cross-entropy against a target of
+    `1 - label_smoothing` on the true class plus `label_smoothing / num_outputs` on every output.
 
     Label smoothing keeps every logit within a few units of the highest (without it, those of
     unlikely classes are pushed ever lower), which gives the 8-bit quantized model's logits a
