@@ -75,6 +75,18 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     # One pass: MCT reads the first batch before calibrating, yet each image is loaded once.
     assert len(requested) == len(set(requested)) == 10
 
+    # The logits reach the softmax through a ReLU that MCT fused with the Dense: quantized
+    # once, unsigned (with_clipped_logits), not on a signed grid around zero.
+    reloaded = quantized_evaluation.load_quantized_keras(quantized.keras_file)
+    names = [layer.name for layer in reloaded.layers]
+    softmax = names.index("predictions")
+    holder = reloaded.layers[softmax - 1].get_config()["activation_holder_quantizer"]["config"]
+    assert holder["signed"] is False
+    assert reloaded.layers[softmax - 2].name == "predictions_logits_clipped"
+    assert (
+        "predictions_logits" in reloaded.layers[softmax - 3].get_config()["layer"]["config"]["name"]
+    )
+
     folder = tmp_path / "out" / "model" / "quantized"
     assert quantized.directory == folder
     assert quantized.keras_file.is_file() and quantized.tflite_file.is_file()
@@ -123,6 +135,32 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     assert lines[-1].startswith("int8 TFLite (.tflite): 3 images have classes tied at the top")
     assert "in 2 of them the true class was tied but not taken" in lines[-1]
     assert not any(line.startswith("quantized Keras (.keras): ") for line in lines)
+
+
+def test_clipped_logits_give_the_same_probabilities(tmp_path):
+    """The head MCT quantizes (Dense with its logits shifted, ReLU, Softmax) gives the float
+    classifier's probabilities: only classes far below the top are clipped."""
+    make_dataset(tmp_path / "data", LABELS, train_per_class=8, val_per_class=4)
+    train, validation = _folders(tmp_path / "data", LABELS)
+    classifier = _trained_tiny_classifier(train, validation)
+    data = calibration.CalibrationData(train.paths[:10], 32, 5)
+    clipped = quantize.with_clipped_logits(classifier, data)
+    assert [type(layer).__name__ for layer in clipped.layers[-3:]] == ["Dense", "ReLU", "Softmax"]
+    assert clipped.layers[-1].name == "predictions"
+    head = classifier.get_layer("predictions")
+    shift = clipped.layers[-3].bias.numpy() - head.bias.numpy()
+    np.testing.assert_allclose(shift, shift[0])
+    assert shift[0] >= quantize.LOGIT_HEADROOM
+    np.testing.assert_array_equal(clipped.layers[-3].kernel.numpy(), head.kernel.numpy())
+    images = next(iter_batches(validation.paths, 32, len(validation.paths))).numpy()
+    np.testing.assert_allclose(clipped(images), classifier(images), atol=1e-3)
+    # Every class the float model gives 1e-6 or more is unclipped: its probability is exact.
+    original = classifier(images).numpy()
+    kept = original > 1e-6
+    np.testing.assert_allclose(clipped(images).numpy()[kept], original[kept], rtol=1e-3)
+    # A model that does not end in a softmax Dense is quantized as it is.
+    features = keras.Model(classifier.inputs, head.input)
+    assert quantize.with_clipped_logits(features, data) is features
 
 
 def comparison_models(float_correct: int, keras_correct: int, tflite_correct: int) -> dict:

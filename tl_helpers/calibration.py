@@ -42,10 +42,15 @@ class CalibrationData:
     def __call__(self) -> CalibrationData:
         return self
 
-    def __iter__(self) -> Iterator[list[np.ndarray]]:
-        first, rest = self.paths[: self.batch_size], self.paths[self.batch_size :]
+    def first_batch(self) -> np.ndarray:
+        """The first batch of raw-pixel images, loaded once and kept."""
         if self._first is None:
+            first = self.paths[: self.batch_size]
             self._first = next(iter_batches(first, self.image_size, self.batch_size)).numpy()
-        yield [self._first]
+        return self._first
+
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
+        yield [self.first_batch()]
+        rest = self.paths[self.batch_size :]
         for batch in iter_batches(rest, self.image_size, self.batch_size):
             yield [batch.numpy()]

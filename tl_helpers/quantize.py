@@ -2,7 +2,9 @@
 
 The trained classifier already contains its preprocessing, so calibration feeds it raw pixels
 from the same loading path as training and inference (`tl_helpers.calibration`). MCT flattens
-the nested base model itself. Two files are written to `output_dir/quantized/`, atomically:
+the nested base model itself, and quantizes the classifier with its logits shifted and clipped
+by a ReLU before the softmax (`with_clipped_logits`: the same probabilities, a finer 8-bit grid
+for the logits). Two files are written to `output_dir/quantized/`, atomically:
 
 - `quantized_model.keras`: MCT's quantized Keras model (MCTQ quantizers, MCT's default export),
   the input of Sony's IMX500 converter (`tl_helpers.convert`);
@@ -23,13 +25,14 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from tl_helpers.atomic import remove, replace_directory, temporary_sibling, write_json
@@ -172,23 +175,66 @@ def changed_settings(config: Any) -> dict[str, object]:
     }
 
 
+# How far below the lowest top logit of the calibration images (first batch) the logits of the
+# quantized head are clipped (`with_clipped_logits`): a class that far below the top has a
+# probability under exp(-8) = 0.03 % of the top class's.
+LOGIT_HEADROOM = 8.0
+LOGITS_LAYER = "predictions_logits"
+
+
+def with_clipped_logits(
+    model: keras.Model, calibration: CalibrationData | Callable[[], Iterable[list]]
+) -> keras.Model:
+    """The classifier to quantize: its softmax `Dense` split into `Dense` (logits + c) -> `ReLU`
+    -> `Softmax`, the same probabilities for every class within c of the top; `model` itself
+    when its last layer is not a softmax `Dense`.
+
+    MCT quantizes the logits to 8 bits before the softmax, on a grid set by their whole range,
+    which the least likely classes stretch far below zero (to -24 on a clothing10 model: a
+    threshold of 32, steps of 0.25). Two classes whose logits round to the same step get the
+    same score, and Top-1 then takes the lower class id: a tie the float model did not have.
+    Shifted by c (the calibration images' lowest top logit, plus LOGIT_HEADROOM) and clipped
+    at 0 by a ReLU, which MCT fuses with the `Dense`, the logits are quantized unsigned from 0,
+    so the grid is twice as fine or finer, and nothing the softmax resolves is lost
+    (docs/quantization.md, "Clipped logits").
+    """
+    head = model.layers[-1]
+    if not isinstance(head, keras.layers.Dense) or head.get_config()["activation"] != "softmax":
+        return model
+    kernel = head.kernel.numpy()
+    bias = head.bias.numpy() if head.use_bias else np.zeros(head.units, np.float32)
+    if isinstance(calibration, CalibrationData):
+        images = calibration.first_batch()  # kept: MCT reads it next, and it is decoded once
+    else:  # any MCT representative dataset: a function giving [batch] lists
+        images = next(iter(calibration()))[0]
+    features = keras.Model(model.inputs, head.input)(images, training=False)
+    logits = np.asarray(features) @ kernel + bias
+    shift = max(0.0, -float(logits.max(axis=1).min())) + LOGIT_HEADROOM
+    dense = keras.layers.Dense(head.units, name=LOGITS_LAYER)
+    x = dense(head.input)
+    dense.set_weights([kernel, bias + np.float32(shift)])
+    x = keras.layers.ReLU(name=f"{LOGITS_LAYER}_clipped")(x)
+    outputs = keras.layers.Softmax(name=head.name)(x)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
 def quantize_model(
     model: keras.Model,
-    calibration: CalibrationData,
+    calibration: CalibrationData | Callable[[], Iterable[list]],
     tpc_version: str = "1.0",
     settings: Any = None,
     parallel_statistics: bool = True,
 ) -> keras.Model:
     """Run MCT post-training quantization for the IMX500 with `settings` (an MCT
-    QuantizationConfig; default: `quantization_config()`); MCT's statistics updates run in
-    parallel threads unless `parallel_statistics` is False (same result, see
-    `statistics_in_parallel`)."""
+    QuantizationConfig; default: `quantization_config()`) on `model` with its logits clipped
+    (`with_clipped_logits`); MCT's statistics updates run in parallel threads unless
+    `parallel_statistics` is False (same result, see `statistics_in_parallel`)."""
     check_quantizable(model)
     toolkit = mct()
     parallel = statistics_in_parallel() if parallel_statistics else contextlib.nullcontext()
     with parallel:
         quantized, _ = toolkit.ptq.keras_post_training_quantization(
-            model,
+            with_clipped_logits(model, calibration),
             calibration,
             core_config=toolkit.core.CoreConfig(
                 quantization_config=settings or quantization_config()
