@@ -104,6 +104,16 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
     tflite_out = predict_batches(run_tflite, validation.paths, 32, batch_size=5)
     assert "dynamic-sized" not in capfd.readouterr().err  # XNNPACK took the graph: no warning
     assert "DELEGATE" in tflite_ops(quantized.tflite_file)  # ... and runs it
+    # int8 from the first operator to the softmax: one QUANTIZE in, one DEQUANTIZE out.
+    builtin = tf.lite.Interpreter(
+        model_path=str(quantized.tflite_file),
+        experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    ops = [op["op_name"] for op in builtin._get_ops_details()]
+    assert ops.count("QUANTIZE") == ops.count("DEQUANTIZE") == 1 and ops[-2:] == [
+        "SOFTMAX",
+        "DEQUANTIZE",
+    ], ops
     assert keras_out.shape == tflite_out.shape == float_out.shape == (12, 3)
     assert np.abs(keras_out - float_out).max() < 0.1
     assert np.abs(tflite_out - keras_out).max() < 0.05
@@ -139,27 +149,43 @@ def test_tiny_model_quantized_end_to_end(tmp_path, capfd, monkeypatch):
 
 def test_clipped_logits_give_the_same_probabilities(tmp_path):
     """The head MCT quantizes (Dense with its logits shifted, ReLU, Softmax) gives the float
-    classifier's probabilities: only classes far below the top are clipped."""
+    classifier's classes, and its probabilities wherever no logit is clipped: a head whose
+    logits span little is only shifted (its lowest logit on the calibration images to 0); a
+    wide one is clipped LOGIT_HEADROOM below their lowest top logit."""
     make_dataset(tmp_path / "data", LABELS, train_per_class=8, val_per_class=4)
     train, validation = _folders(tmp_path / "data", LABELS)
-    classifier = _trained_tiny_classifier(train, validation)
+    narrow = _trained_tiny_classifier(train, validation)
+    wide = keras.models.clone_model(narrow)
+    wide.set_weights(narrow.get_weights())
+    wide.get_layer("predictions").set_weights(
+        [10 * w for w in narrow.get_layer("predictions").get_weights()]
+    )
     data = calibration.CalibrationData(train.paths[:10], 32, 5)
-    clipped = quantize.with_clipped_logits(classifier, data)
-    assert [type(layer).__name__ for layer in clipped.layers[-3:]] == ["Dense", "ReLU", "Softmax"]
-    assert clipped.layers[-1].name == "predictions"
-    head = classifier.get_layer("predictions")
-    shift = clipped.layers[-3].bias.numpy() - head.bias.numpy()
-    np.testing.assert_allclose(shift, shift[0])
-    assert shift[0] >= quantize.LOGIT_HEADROOM
-    np.testing.assert_array_equal(clipped.layers[-3].kernel.numpy(), head.kernel.numpy())
     images = next(iter_batches(validation.paths, 32, len(validation.paths))).numpy()
-    np.testing.assert_allclose(clipped(images), classifier(images), atol=1e-3)
-    # Every class the float model gives 1e-6 or more is unclipped: its probability is exact.
-    original = classifier(images).numpy()
-    kept = original > 1e-6
-    np.testing.assert_allclose(clipped(images).numpy()[kept], original[kept], rtol=1e-3)
+    shifted = {}
+    for name, classifier in (("narrow", narrow), ("wide", wide)):
+        clipped = quantize.with_clipped_logits(classifier, data)
+        kinds = [type(layer).__name__ for layer in clipped.layers[-3:]]
+        assert kinds == ["Dense", "ReLU", "Softmax"] and clipped.layers[-1].name == "predictions"
+        head = classifier.get_layer("predictions")
+        np.testing.assert_array_equal(clipped.layers[-3].kernel.numpy(), head.kernel.numpy())
+        shift = clipped.layers[-3].bias.numpy() - head.bias.numpy()
+        np.testing.assert_allclose(shift, shift[0], rtol=1e-6)
+        before_relu = keras.Model(clipped.inputs, clipped.layers[-3].output)
+        shifted[name] = before_relu(data.first_batch()).numpy()
+        original, probabilities = classifier(images).numpy(), clipped(images).numpy()
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), original.argmax(axis=1))
+        # An image none of whose classes is clipped gets exactly the float probabilities.
+        whole = (before_relu(images).numpy() > 0).all(axis=1)
+        assert whole.sum() >= len(images) // 2 if name == "narrow" else not whole.all()
+        np.testing.assert_allclose(probabilities[whole], original[whole], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(probabilities, original, atol=0.02)
+    assert shifted["narrow"].min() == pytest.approx(0, abs=1e-4)
+    lowest_top = shifted["wide"].max(axis=1).min()
+    assert lowest_top == pytest.approx(quantize.LOGIT_HEADROOM, rel=1e-4)
+    assert (shifted["wide"] < 0).any()  # the wide head's unlikely classes are clipped
     # A model that does not end in a softmax Dense is quantized as it is.
-    features = keras.Model(classifier.inputs, head.input)
+    features = keras.Model(narrow.inputs, narrow.get_layer("predictions").input)
     assert quantize.with_clipped_logits(features, data) is features
 
 
@@ -235,7 +261,15 @@ def test_tflite_from_the_traced_call_equals_tensorflows_own_conversion(tmp_path)
     train, validation = _folders(tmp_path / "data", LABELS)
     keras.utils.set_random_seed(0)
     classifier = build_classifier(tiny_base_model(32), LABELS, 32)
-    quantized = quantize.quantize_model(classifier, calibration.CalibrationData(train.paths, 32, 6))
+    # The head as MCT splits it without clipped logits (Dense, then Softmax): TensorFlow's own
+    # converter keeps a clipped head's Dense in float with a dynamic batch, so the two paths are
+    # compared on this one (the clipped head's fast conversion is int8 throughout: next test).
+    head = classifier.get_layer("predictions")
+    logits = keras.layers.Dense(head.units)(head.input)
+    unclipped = keras.Model(classifier.inputs, keras.layers.Softmax()(logits))
+    logits.node.layer.set_weights(head.get_weights())
+    assert quantize.with_clipped_logits(unclipped, lambda: iter([])) is unclipped
+    quantized = quantize.quantize_model(unclipped, calibration.CalibrationData(train.paths, 32, 6))
     exporter = quantize.mct().exporter
     tensorflows_own = tf.lite.TFLiteConverter.from_keras_model
 

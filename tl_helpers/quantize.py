@@ -176,7 +176,7 @@ def changed_settings(config: Any) -> dict[str, object]:
 
 
 # How far below the lowest top logit of the calibration images (first batch) the logits of the
-# quantized head are clipped (`with_clipped_logits`): a class that far below the top has a
+# quantized head may be clipped (`with_clipped_logits`): a class that far below the top has a
 # probability under exp(-8) = 0.03 % of the top class's.
 LOGIT_HEADROOM = 8.0
 LOGITS_LAYER = "predictions_logits"
@@ -193,10 +193,11 @@ def with_clipped_logits(
     which the least likely classes stretch far below zero (to -24 on a clothing10 model: a
     threshold of 32, steps of 0.25). Two classes whose logits round to the same step get the
     same score, and Top-1 then takes the lower class id: a tie the float model did not have.
-    Shifted by c (the calibration images' lowest top logit, plus LOGIT_HEADROOM) and clipped
-    at 0 by a ReLU, which MCT fuses with the `Dense`, the logits are quantized unsigned from 0,
-    so the grid is twice as fine or finer, and nothing the softmax resolves is lost
-    (docs/quantization.md, "Clipped logits").
+    Shifted by c (so that 0 is LOGIT_HEADROOM below the calibration images' lowest top logit,
+    or their lowest logit if that is higher) and clipped at 0 by a ReLU, which MCT fuses with
+    the `Dense`, the logits are quantized unsigned from 0 on a range no wider than before and
+    usually far narrower, and nothing the softmax resolves is lost (docs/quantization.md,
+    "Clipped logits").
     """
     head = model.layers[-1]
     if not isinstance(head, keras.layers.Dense) or head.get_config()["activation"] != "softmax":
@@ -209,7 +210,10 @@ def with_clipped_logits(
         images = next(iter(calibration()))[0]
     features = keras.Model(model.inputs, head.input)(images, training=False)
     logits = np.asarray(features) @ kernel + bias
-    shift = max(0.0, -float(logits.max(axis=1).min())) + LOGIT_HEADROOM
+    # Clipped at LOGIT_HEADROOM below the lowest top logit, or at the lowest logit if that is
+    # higher: a model whose logits span less than that is only shifted, never clipped.
+    floor = max(float(logits.min()), float(logits.max(axis=1).min()) - LOGIT_HEADROOM)
+    shift = -floor
     dense = keras.layers.Dense(head.units, name=LOGITS_LAYER)
     x = dense(head.input)
     dense.set_weights([kernel, bias + np.float32(shift)])
