@@ -237,7 +237,7 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
                 value = original(*args, **kwargs)
             finally:
                 in_predict_images[0] -= call == "predict_images"
-            extra = {"images": len(args[1])} if call == "predict_images" else {}
+            extra = {"images": _rows(args, kwargs)} if call == "predict_images" else {}
             clock.span(call, time.perf_counter() - start, **extra)
             return value
 
@@ -270,7 +270,7 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
                     seconds += time.perf_counter() - start
                 yield chunk
             if not in_predict_images[0]:
-                clock.span("predict_images", seconds, images=len(args[1]))
+                clock.span("predict_images", seconds, images=_rows(args, kwargs))
 
         return wrapper
 
@@ -291,6 +291,12 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
     )
     replace(tl_helpers.evaluate.load_saved_model, timed, "load_saved_model")
     replace(tl_helpers.train.train_head, lambda f, _: with_epoch_timer(f), "train_head")
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    """Rows of a predict_images / predict_chunks call: one per image and view."""
+    view = kwargs.get("view", "")
+    return len(args[1]) * (1 if isinstance(view, str) else len(view))
 
 
 def timed_batches(clock: Clock, original: Callable, call: str, count: Callable) -> Callable:

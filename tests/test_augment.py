@@ -3,6 +3,7 @@ look at the validation images."""
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -38,13 +39,13 @@ def data(tmp_path) -> Path:
 
 
 @pytest.fixture
-def passes(monkeypatch) -> list[tuple[str, tuple[str, ...]]]:
-    """Every backbone pass, as (view, paths), in order."""
+def passes(monkeypatch) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Every backbone pass, as (views, paths), in order: each path gives one row per view."""
     calls = []
     real = inference.predict_chunks
 
     def counting(run, paths, *args, view="", **kwargs):
-        calls.append((view, tuple(paths)))
+        calls.append(((view,) if isinstance(view, str) else tuple(view), tuple(paths)))
         return real(run, paths, *args, view=view, **kwargs)
 
     monkeypatch.setattr(inference, "predict_chunks", counting)
@@ -74,15 +75,23 @@ def _features(root: Path, cache_dir: Path | None, views=()) -> train.Features:
 
 
 def _view_counts(calls) -> dict[str, int]:
+    """Rows computed per view."""
     counts: dict[str, int] = {}
-    for view, paths in calls:
-        counts[view] = counts.get(view, 0) + len(paths)
+    for views, paths in calls:
+        for view in views:
+            counts[view] = counts.get(view, 0) + len(paths)
     return counts
+
+
+def _reads(calls) -> collections.Counter:
+    """How often each file was read (decoded) by the passes."""
+    return collections.Counter(path for _, paths in calls for path in paths)
 
 
 def test_views_are_computed_once_and_a_rerun_computes_none(data, tmp_path, passes):
     first = _features(data, tmp_path / "cache", views=("mirror", "crop"))
     assert _view_counts(passes) == {"": TRAIN_IMAGES + VAL_IMAGES, "mirror": 12, "crop": 12}
+    assert set(_reads(passes).values()) == {1}  # each photo decoded once for all its views
     assert len(first.train) == 3 * TRAIN_IMAGES
     np.testing.assert_array_equal(first.train_ids[:12], first.train_ids[12:24])
     rows = np.asarray(first.train)
@@ -107,6 +116,15 @@ def test_a_view_has_the_features_of_its_transformed_image(data, tmp_path):
     np.testing.assert_allclose(np.asarray(features.train)[12:], expected, rtol=2e-3, atol=1e-4)
 
 
+def test_one_decode_gives_each_view_exactly_as_its_own_pipeline(data):
+    paths = _sets(data)[0].paths[:5]
+    views = ("", "mirror", "crop", "noise")
+    together = np.concatenate(list(dataset.load_images(paths, SIZE, 3, views)))  # batches cut files
+    apart = [np.concatenate(list(dataset.load_images(paths, SIZE, 3, view))) for view in views]
+    np.testing.assert_array_equal(together, np.stack(apart, axis=1).reshape(together.shape))
+    assert together.shape == (5 * len(views), SIZE, SIZE, 3)
+
+
 def test_changed_view_recomputes_only_the_views_it_affects(data, tmp_path, passes, monkeypatch):
     first = np.asarray(_features(data, tmp_path / "cache", views=("mirror", "crop")).train)
     passes.clear()
@@ -126,9 +144,9 @@ def test_changed_view_recomputes_only_the_views_it_affects(data, tmp_path, passe
 def test_validation_images_are_never_augmented(data, tmp_path, passes):
     _, val_set = _sets(data)
     with_views = _features(data, tmp_path / "cache", views=("mirror", "crop", "mirror_crop"))
-    for view, paths in passes:
-        if view:
-            assert not set(paths) & set(val_set.paths), view
+    for views, paths in passes:
+        if views != ("",):
+            assert not set(paths) & set(val_set.paths), views
     assert len(with_views.validation) == VAL_IMAGES
     without = _features(data, tmp_path / "other", views=())
     np.testing.assert_array_equal(np.asarray(with_views.validation), np.asarray(without.validation))

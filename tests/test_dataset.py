@@ -17,6 +17,7 @@ from tl_helpers import dataset
 from tl_helpers.dataset import (
     bad_image_error,
     exif_orientation,
+    files_of_batch,
     find_bad_images,
     iter_batches,
     load_images,
@@ -424,6 +425,17 @@ def test_iter_batches_raises_tlerror_naming_the_file(tmp_path):
         for batch in iter_batches(paths, image_size=8, batch_size=4):
             seen.append(batch.shape[0])
     assert seen == [4]
+
+
+def test_a_bad_file_in_a_pass_of_several_views_is_named(tmp_path):
+    paths, bad = truncated_batch_setup(tmp_path)  # file 6 of 10: rows 18-20 of 30
+    seen = []
+    with pytest.raises(TLError, match=bad):
+        for batch in iter_batches(paths, 8, batch_size=4, view=("", "mirror", "crop")):
+            seen.append(batch.shape[0])
+    assert seen == [4, 4, 4, 4]  # rows 0-15 (files 0-5) came through
+    assert files_of_batch(paths, 4, 4, views=3) == paths[5:7]  # rows 16-19
+    assert files_of_batch(paths, 4, 0, views=3) == paths[0:2]  # rows 0-3
 
 
 def test_find_bad_images(tmp_path):

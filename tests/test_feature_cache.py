@@ -439,9 +439,11 @@ def test_float16_rows_are_stored_in_half_the_bytes_and_read_as_float32(tmp_path,
     np.testing.assert_array_equal(read[6], exact[0] + 1)
 
 
-def test_training_rows_are_float16_in_the_store_validation_rows_float32(data, tmp_path):
+@pytest.mark.parametrize("views", [(), ("mirror",)])
+def test_training_rows_are_float16_in_the_store_validation_rows_float32(data, tmp_path, views):
     """Training rows only train; evaluation runs the saved model's head on validation rows, so
-    those are kept exactly. An image in both folders is kept exactly too."""
+    those are kept exactly. An image in both folders is kept exactly too (and its mirror view,
+    computed from the same decode, as float16)."""
     train_set = dataset.scan_image_folder(data / "training", LABELS)
     val_set = dataset.scan_image_folder(data / "validation", LABELS, role="validation")
     copy = data / "training" / "apple" / "also-validation.jpg"
@@ -451,18 +453,22 @@ def test_training_rows_are_float16_in_the_store_validation_rows_float32(data, tm
     base = model.strip_classification_head(_base_with_top())
     classifier = model.build_classifier(base, LABELS, SIZE)
     cache_dir = tmp_path / "cache"
-    features = train.compute_features(classifier, train_set, val_set, SIZE, cache_dir=cache_dir)
+    features = train.compute_features(
+        classifier, train_set, val_set, SIZE, cache_dir=cache_dir, views=views
+    )
     index = FeatureStore(cache_dir).index(features.model_key)
     rows = {"float16": 0, "float32": 0}
     for shard in index.shards:
         rows[shard.dtype] += shard.rows
-    assert rows == {"float16": len(train_set) - 1, "float32": len(val_set)}
-    exact = train.compute_features(classifier, train_set, val_set, SIZE)  # no cache
+    n = len(train_set)
+    assert rows == {"float16": len(views) * n + n - 1, "float32": len(val_set)}
+    exact = train.compute_features(classifier, train_set, val_set, SIZE, views=views)  # no cache
+    np.testing.assert_array_equal(np.asarray(features.train)[n:], exact.train[n:])  # views
     np.testing.assert_array_equal(np.asarray(features.validation), exact.validation)
     copied = train_set.paths.index(str(copy))
     only_training = np.arange(len(train_set)) != copied
-    stored = np.asarray(features.train)
-    np.testing.assert_array_equal(stored[only_training], exact.train[only_training])  # rounded
+    stored = np.asarray(features.train)[:n]  # the images as they are
+    np.testing.assert_array_equal(stored[only_training], exact.train[:n][only_training])
     unrounded = inference.predict_images(model.feature_extractor(classifier), train_set.paths, SIZE)
     assert not np.array_equal(stored[only_training], unrounded[only_training])
     np.testing.assert_allclose(stored, unrounded, rtol=1e-3)

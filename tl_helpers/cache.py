@@ -306,23 +306,46 @@ def _pass(
             print(report.summary())
         if not located.missing:
             return located.features, report
-        for group in dict.fromkeys(first_path[digest][1:] for digest in located.missing):
-            missing = [digest for digest in located.missing if first_path[digest][1:] == group]
-            missing_paths = [first_path[digest][0] for digest in missing]
-            view, half = group
+        for group_paths, group_views, group_digests in _missing_by_file(
+            located.missing, first_path, list(dict.fromkeys(views))
+        ):
             compute_into_store(
                 feature_store,
                 key,
                 built(extractor),
-                missing_paths,
-                missing,
+                group_paths,
+                group_digests,
                 image_size,
                 batch_size,
-                view,
+                [view for view, _ in group_views],
                 devices,
-                np.float16 if half else np.float32,
+                [half for _, half in group_views],
             )
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
+
+
+def _missing_by_file(
+    missing: Sequence[bytes],
+    first_path: dict[bytes, tuple[str, str, bool]],
+    view_order: list[str],
+) -> list[tuple[list[str], tuple[tuple[str, bool], ...], list[bytes]]]:
+    """The missing entries as passes that decode each file once: (files, their (view, float16)
+    rows, in `view_order`, and the digests in row order: file 0's rows, then file 1's, ...).
+
+    Files that lack the same rows share a pass (a first run: the training images, which lack
+    every view, and the validation images, which lack themselves).
+    """
+    rows_of: dict[str, list[tuple[str, bool, bytes]]] = {}
+    for digest in missing:
+        path, view, half = first_path[digest]
+        rows_of.setdefault(path, []).append((view, half, digest))
+    groups: dict[tuple[tuple[str, bool], ...], tuple[list[str], list[bytes]]] = {}
+    for path, rows in rows_of.items():
+        rows.sort(key=lambda row: view_order.index(row[0]))
+        files, digests = groups.setdefault(tuple((view, half) for view, half, _ in rows), ([], []))
+        files.append(path)
+        digests.extend(digest for _, _, digest in rows)
+    return [(files, group, digests) for group, (files, digests) in groups.items()]
 
 
 def compute_into_store(
@@ -333,26 +356,40 @@ def compute_into_store(
     digests: list[bytes],
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
-    view: str = "",
+    views: Sequence[str] = ("",),
     devices: Sequence[str] = (),
-    dtype: type = np.float32,
+    float16: Sequence[bool] | None = None,
 ) -> None:
-    """Run the extractor over `paths` (their augmented `view`), adding the features to the
-    store a shard at a time, as `dtype` (float32 or float16).
+    """Run the extractor over `paths`, each decoded once for all its `views` (augmented views,
+    tl_helpers.augment), adding one row per file and view to the store a shard at a time.
 
-    Memory holds at most one shard's features, and an interrupted pass keeps the shards it
-    added. One pipeline and one progress bar run over all the images.
+    `digests` name the rows in order (file 0's views, then file 1's, ...); `float16`, one per
+    view (None: none), says which views' rows are stored as float16. Memory holds at most one
+    shard's features, and an interrupted pass keeps the shards it added. One pipeline and one
+    progress bar run over all the rows.
     """
+    views = list(views)
+    float16 = list(float16) if float16 is not None else [False] * len(views)
     run = inference.keras_runner(extractor, image_size, devices)
-    title = f"view {view}" if view else ""
+    shown = [view or "as is" for view in views]
+    title = f"views {', '.join(shown)}" if views != [""] else ""
     dim = int(np.prod(extractor.output_shape[1:]))
     chunks = inference.predict_chunks(
-        run, paths, image_size, store.shard_rows(dim), batch_size, title, view=view
+        run, paths, image_size, store.shard_rows(dim), batch_size, title, view=views
     )
     start = 0
     for features in chunks:
         end = start + len(features)
-        feature_store.add(key, digests[start:end], features.astype(dtype, copy=False))
+        halves = np.resize(np.asarray(float16, dtype=bool), end)[start:]  # each row's view
+        for half in (True, False):
+            rows = np.flatnonzero(halves == half)
+            if len(rows):
+                part = features[rows] if len(rows) < len(features) else features
+                feature_store.add(
+                    key,
+                    [digests[start + row] for row in rows],
+                    part.astype(np.float16 if half else np.float32, copy=False),
+                )
         start = end
 
 
@@ -380,20 +417,24 @@ def uncached_features(
     extractor = built(extractor)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
     print(f"features: {len(paths):,} images, {len(paths):,} computed (feature cache off)")
+    # Each file is decoded once for all its views: files needing the same views share a pass.
+    view_order = list(dict.fromkeys(views))
+    rows_of: dict[str, dict[str, list[int]]] = {}
+    for row, (path, view) in enumerate(zip(paths, views, strict=True)):
+        rows_of.setdefault(path, {}).setdefault(view, []).append(row)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for path, by_view in rows_of.items():
+        group = tuple(sorted(by_view, key=view_order.index))
+        groups.setdefault(group, []).append(path)
     features = None
-    for view in dict.fromkeys(views):
-        rows = [row for row, each in enumerate(views) if each == view]
+    for group, files in groups.items():
         part = inference.predict_images(
-            extractor,
-            [paths[row] for row in rows],
-            image_size,
-            batch_size,
-            devices=devices,
-            view=view,
+            extractor, files, image_size, batch_size, devices=devices, view=list(group)
         )
         if features is None:
             features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
-        features[rows] = part
+        for k, (path, view) in enumerate((path, view) for path in files for view in group):
+            features[rows_of[path][view]] = part[k]
     if float16_rows is not None:
         rounded = np.flatnonzero(float16_rows)
         features[rounded] = features[rounded].astype(np.float16)

@@ -22,8 +22,9 @@ Typical use::
     train = scan_image_folder("dataset/training", labels, labels_path="dataset/labels.json")
 
 `load_images` is the one image pipeline for training features, evaluation and calibration. It
-keeps batch order (batch k holds `paths[k*bs:(k+1)*bs]`), so a batch that fails to decode can be
-traced back to its files. Callers iterate it like this (or use `iter_batches`, which does it)::
+keeps batch order (batch k holds `paths[k*bs:(k+1)*bs]`; with several views, `files_of_batch`
+says which), so a batch that fails to decode can be traced back to its files. Callers iterate
+it like this (or use `iter_batches`, which does it)::
 
     bs = batch_size
     batches = iter(load_images(paths, image_size, bs))
@@ -530,33 +531,48 @@ def _quoted(names: Sequence[str], counts: dict[str, int] | None = None) -> str:
 
 
 def load_images(
-    paths: Sequence[str], image_size: int, batch_size: int, view: str = ""
+    paths: Sequence[str], image_size: int, batch_size: int, view: str | Sequence[str] = ""
 ) -> tf.data.Dataset:
     """Stream batches of RGB float32 images (0..255, square), in the order of `paths`.
 
     Each image is decoded (large photos at a reduced scale, `decode_jpeg`), turned the right
     way up by its EXIF orientation (`upright`), then given the augmented view named `view` ("":
     as is; see tl_helpers.augment), then resized (and, for a view that changes the resized
-    image, changed then).
+    image, changed then). With a sequence of views, each image is decoded once and gives one
+    row per view, in that order: image 0's views, then image 1's, and so on.
     """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
+    views = (view,) if isinstance(view, str) else tuple(view)
+    if not views:
+        raise ValueError("load_images: no views")
     size = (int(image_size), int(image_size))
-    transform = augment.view_function(view)
-    finish = augment.after_resize_function(view)
+    steps = [(augment.view_function(v), augment.after_resize_function(v)) for v in views]
     orientations = [exif_orientation(path) for path in paths]
 
     def load(path: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
         contents = tf.io.read_file(path)
         image = upright(decode_jpeg(contents, image_size), orientation)
-        resized = tf.image.resize(transform(image), size, method="bilinear")  # float32, 0..255
-        return finish(resized, contents)
+        rows = [
+            finish(tf.image.resize(transform(image), size, method="bilinear"), contents)
+            for transform, finish in steps  # float32, 0..255
+        ]
+        return rows[0] if len(rows) == 1 else tf.stack(rows)
 
     dataset = tf.data.Dataset.from_tensor_slices(
         (tf.constant(list(paths), dtype=tf.string), tf.constant(orientations, dtype=tf.int32))
     )
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if len(views) > 1:
+        dataset = dataset.unbatch()  # one row per view
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def files_of_batch(paths: Sequence[str], batch_size: int, number: int, views: int = 1) -> list[str]:
+    """The files whose rows batch `number` of `load_images` holds (`views` rows per file)."""
+    first = number * batch_size // views
+    end = -(-(number + 1) * batch_size // views)  # rounded up
+    return list(paths[first:end])
 
 
 # libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling), skipping part of the
@@ -634,17 +650,18 @@ def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 
 
 def iter_batches(
-    paths: Sequence[str], image_size: int, batch_size: int, view: str = ""
+    paths: Sequence[str], image_size: int, batch_size: int, view: str | Sequence[str] = ""
 ) -> Iterator[tf.Tensor]:
     """Yield `load_images` batches, turning a decode failure into a TLError naming the file."""
     batches = iter(load_images(paths, image_size, batch_size, view))
+    views = 1 if isinstance(view, str) else len(view)
     for k in itertools.count():
         try:
             batch = next(batches)
         except StopIteration:
             return
         except tf.errors.InvalidArgumentError as err:
-            raise bad_image_error(paths[k * batch_size : (k + 1) * batch_size], err) from err
+            raise bad_image_error(files_of_batch(paths, batch_size, k, views), err) from err
         yield batch
 
 

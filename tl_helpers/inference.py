@@ -25,13 +25,14 @@ def predict_images(
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
     devices: Sequence[str] = (),
-    view: str = "",
+    view: str | Sequence[str] = "",
 ) -> np.ndarray:
     """Run `model` on every image in `paths`, in order, batched; show a progress bar.
 
     With several `devices` (a Distribution's, see tl_helpers.distribute), each batch is split
     between them. `view` names an augmented view of the images (tl_helpers.augment; "": as
-    they are). A file that cannot be decoded stops the pass with a TLError naming it.
+    they are), or several: each image is decoded once and gives one output row per view, in
+    that order. A file that cannot be decoded stops the pass with a TLError naming it.
     """
     run = keras_runner(model, image_size, devices)
     return predict_batches(run, paths, image_size, batch_size, title, view=view)
@@ -71,13 +72,14 @@ def predict_batches(
     image_size: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
-    view: str = "",
+    view: str | Sequence[str] = "",
 ) -> np.ndarray:
     """Apply `run` (a batch of raw-pixel images -> a batch of outputs) to every image in
     `paths`, in order, with a progress bar; any model runner (Keras, TFLite) shares this loop.
     """
     paths = list(paths)
-    (outputs,) = predict_chunks(run, paths, image_size, len(paths), batch_size, title, view=view)
+    rows = len(paths) * (1 if isinstance(view, str) else len(view))
+    (outputs,) = predict_chunks(run, paths, image_size, rows, batch_size, title, view=view)
     return outputs
 
 
@@ -88,9 +90,9 @@ def predict_chunks(
     chunk_rows: int,
     batch_size: int = INFERENCE_BATCH_SIZE,
     title: str = "",
-    view: str = "",
+    view: str | Sequence[str] = "",
 ) -> Iterator[np.ndarray]:
-    """`predict_batches`, yielding the outputs `chunk_rows` images at a time (the last chunk
+    """`predict_batches`, yielding the outputs `chunk_rows` rows at a time (the last chunk
     may be shorter), so a long pass holds one chunk in memory, not all.
 
     One input pipeline and one progress bar serve the whole pass: a tf.data pipeline made per
@@ -102,16 +104,18 @@ def predict_chunks(
         raise ValueError("predict_chunks: no images")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    views = 1 if isinstance(view, str) else len(view)
+    total = len(paths) * views
     if title:
-        print(f"{title}: {len(paths)} images")
-    progress = keras.utils.Progbar(len(paths), interval=1.0, unit_name="image")
+        print(f"{title}: {len(paths)} images" + (f", {views} views each" if views > 1 else ""))
+    progress = keras.utils.Progbar(total, interval=1.0, unit_name="image" if views == 1 else "row")
     chunk, filled, done = None, 0, 0  # filled in place: no list of batches to concatenate
     for batch in iter_batches(paths, image_size, batch_size, view):
         result = run(batch)
         taken = 0
         while taken < len(result):
             if chunk is None:
-                rows = min(chunk_rows, len(paths) - done)
+                rows = min(chunk_rows, total - done)
                 chunk, filled = np.empty((rows, *result.shape[1:]), dtype=result.dtype), 0
             take = min(len(result) - taken, len(chunk) - filled)
             chunk[filled : filled + take] = result[taken : taken + take]

@@ -295,15 +295,17 @@ def compute_share(
 ) -> None:
     """Compute this worker's share of the images into the shared store, then wait for all.
 
-    Worker k of n takes rows k, k + n, k + 2n, ... (`views`: each row's augmented view;
-    `float16_rows`: see `cache.cached_features`); once every worker has passed the barrier,
-    every share is in the store. A store a worker cannot see (not a shared folder) costs time,
-    not correctness: the lookup that follows computes what it lacks.
+    Worker k of n takes files k, k + n, k + 2n, ... with all their rows (`views`: each row's
+    augmented view; `float16_rows`: see `cache.cached_features`), so each file is decoded by
+    one worker, once; once every worker has passed the barrier, every share is in the store. A
+    store a worker cannot see (not a shared folder) costs time, not correctness: the lookup
+    that follows computes what it lacks.
     """
-    rows = distribution.share(range(len(paths)))
+    files = set(distribution.share(list(dict.fromkeys(paths))))
+    rows = [row for row, path in enumerate(paths) if path in files]
     print(
         f"Worker {distribution.worker_index} of {distribution.num_workers}: "
-        f"its share, {len(rows):,} of {len(paths):,} images"
+        f"its share, {len(rows):,} of {len(paths):,} images and views"
     )
     if rows:
         cache.cached_features(
