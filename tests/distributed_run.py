@@ -4,7 +4,8 @@
 
 FOLDER holds configuration.json (tests/conftest.write_config) and the data it names. The run
 follows the notebook's calls: choose the distribution, compute the features (the feature store
-in the configuration), train the head, fine-tune (when the configuration names a cut), and
+in the configuration; with "quantize", fine-tuning's rows through the MCT-quantized lower
+part), train the head, fine-tune (when the configuration names a cut), and
 save the model and results where the configuration,
 as `distribute.for_this_worker` leaves it, says. RESULT.json (a test artefact, written by
 every process) gets the features, Top-1 and where the outputs went. With `--logical-cpus N`,
@@ -47,7 +48,7 @@ def main() -> None:
 
     from conftest import tiny_base_model
 
-    from tl_helpers import config, dataset, distribute, evaluate, export, model, train
+    from tl_helpers import config, dataset, distribute, evaluate, export, model, quantize, train
 
     cfg = config.load_configuration(args.folder / "configuration.json")
     train.setup_tensorflow(cfg.seed)
@@ -67,6 +68,7 @@ def main() -> None:
         cache_dir=cfg.feature_cache_dir,
         distribution=distribution,
         fine_tune_cut=cfg.fine_tune_cut if cfg.fine_tune else None,
+        quantization=quantize.lower_quantization(train_set, cfg),
     )
     if args.die_after_features:
         os._exit(3)  # as a machine that goes away: no clean-up, no goodbye to the others

@@ -263,6 +263,43 @@ def test_two_workers_share_the_features_train_together_and_only_the_chief_writes
     assert not Path(other["output_dir"]).is_relative_to(folder)
 
 
+@pytest.mark.mct
+@pytest.mark.distributed
+def test_two_workers_share_the_rows_through_the_quantized_lower_part(tmp_path):
+    """With quantization on, fine-tuning's rows through the MCT-quantized lower part are
+    computed a share per worker, like the float rows: after the shares, each worker finds
+    them all in the store, and they are the rows one process computes alone."""
+    make_dataset(tmp_path / "data", LABELS, train_per_class=8, val_per_class=4)
+    write_config(
+        tmp_path,
+        epochs=2,
+        batch_size=8,
+        fine_tune_cut="conv1",
+        fine_tune_epochs=1,
+        quantize=True,
+        calibration_batch_size=4,
+        calibration_batches=2,
+    )
+    alone = run(tmp_path, "alone")
+    clear_outputs(tmp_path)
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    results = [tmp_path / f"worker{index}.json" for index in (0, 1)]
+    processes = [
+        start(tmp_path, result, environ=tf_config(workers, index=index))
+        for index, result in enumerate(results)
+    ]
+    chief, other = finish(processes, results)
+    train_images = 3 * 8
+    for report, result in ((chief, results[0]), (other, results[1])):
+        log = result.with_suffix(".log").read_text()
+        assert log.count("its share") == 2, log[-3000:]  # the float rows, the quantized rows
+        # The quantized rows' lookup after the shares: every row from the store.
+        assert f"features: {train_images} images, {train_images} from cache, 0 computed" in log
+        rows = np.asarray(report["train_activations"])
+        assert len(rows) == 2 * train_images  # as is, then through the quantized lower part
+        np.testing.assert_allclose(rows, alone["train_activations"], atol=1e-5)
+
+
 @pytest.mark.distributed
 def test_a_lost_worker_stops_the_others_with_one_line_saying_what_to_do(folder):
     clear_outputs(folder)

@@ -9,10 +9,11 @@ tf.data pipeline that gathers each batch from the feature store's memory-mapped 
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def compute_features(
                 batch_size,
                 max_bytes,
                 devices,
+                distribution,
             )
             features.train_activations = ConcatenatedRows(vectors[:count], rows)
             features.fine_tune_ids = np.tile(class_ids, len(all_views) + 1)
@@ -230,6 +232,7 @@ def _quantized_rows(
     batch_size: int,
     max_bytes: int,
     devices: Sequence[str],
+    distribution: Distribution | None = None,
 ) -> np.ndarray | StoredFeatures:
     """The activations at the cut of every training image (in `view`) through the lower part
     quantized by MCT (`quantization`), from the store when it has them: MCT runs only if one is
@@ -237,9 +240,11 @@ def _quantized_rows(
 
     Their store key is made from the float lower part's key (`lower_key`, the key of the float
     rows' pass; None: no store) and how the quantization step will quantize
-    (`LowerQuantization.key`), so a re-run neither quantizes nor computes again.
+    (`LowerQuantization.key`), so a re-run neither quantizes nor computes again. With several
+    workers and a store, each computes its share first, as for the float rows (`compute_share`).
     """
 
+    @functools.cache
     def quantized_lower() -> keras.Model:
         print(
             f"Quantizing the base below the cut with MCT, as the quantization step will "
@@ -250,6 +255,7 @@ def _quantized_rows(
     paths = list(map(str, train.paths))
     views = [view] * len(paths)
     float16_rows = [True] * len(paths)
+    shared = cache_dir is not None and distribution is not None and distribution.num_workers > 1
     key = lower_key
     if key is not None:
         try:
@@ -257,6 +263,8 @@ def _quantized_rows(
         except OSError:
             key = None  # an unreadable store: cached_features has said so for the float rows
     if key is None:
+        if shared:
+            distribution.barrier()  # the other workers wait for every share
         rows, _ = cache.uncached_features(
             quantized_lower,
             paths,
@@ -267,6 +275,20 @@ def _quantized_rows(
             float16_rows=float16_rows,
         )
         return rows
+    key = quantization.key(key, digests)
+    if shared:
+        compute_share(
+            quantized_lower,
+            paths,
+            views,
+            float16_rows,
+            image_size,
+            cache_dir,
+            batch_size,
+            max_bytes,
+            distribution,
+            key=key,
+        )
     rows, _ = cache.cached_features(
         quantized_lower,
         paths,
@@ -277,13 +299,13 @@ def _quantized_rows(
         views=views,
         devices=devices,
         float16_rows=float16_rows,
-        key=quantization.key(key, digests),
+        key=key,
     )
     return rows
 
 
 def compute_share(
-    extractor: keras.Model,
+    extractor: keras.Model | Callable[[], keras.Model],
     paths: list[str],
     views: list[str],
     float16_rows: list[bool],
@@ -292,6 +314,7 @@ def compute_share(
     batch_size: int,
     max_bytes: int,
     distribution: Distribution,
+    key: str | None = None,
 ) -> None:
     """Compute this worker's share of the images into the shared store, then wait for all.
 
@@ -299,7 +322,8 @@ def compute_share(
     augmented view; `float16_rows`: see `cache.cached_features`), so each file is decoded by
     one worker, once; once every worker has passed the barrier, every share is in the store. A
     store a worker cannot see (not a shared folder) costs time, not correctness: the lookup
-    that follows computes what it lacks.
+    that follows computes what it lacks. `key` and a function as `extractor`: see
+    `cache.cached_features`.
     """
     files = set(distribution.share(list(dict.fromkeys(paths))))
     rows = [row for row, path in enumerate(paths) if path in files]
@@ -318,6 +342,7 @@ def compute_share(
             views=[views[row] for row in rows],
             devices=distribution.devices,
             float16_rows=[float16_rows[row] for row in rows],
+            key=key,
         )
     print("Waiting for the other workers' shares ...")
     distribution.barrier()
