@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(argv[1:])
     args = parse_args(argv)
+    args.out = args.out.resolve()  # the children run in folders of their own
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     print(f"{machine['cpus']} CPU cores ({machine['cpu_model']}), {machine['memory_gib']} GiB RAM")
