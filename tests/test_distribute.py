@@ -235,16 +235,22 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.mark.distributed
-def test_two_workers_share_the_features_train_together_and_only_the_chief_writes(folder, alone):
-    clear_outputs(folder)
+def run_two_workers(folder: Path) -> tuple[list[dict], list[Path]]:
+    """Run tests/distributed_run.py as two local workers in `folder`: their results, and
+    their result files (each with its .log beside it)."""
     workers = [f"localhost:{port}" for port in free_ports(2)]
     results = [folder / f"worker{index}.json" for index in (0, 1)]
     processes = [
         start(folder, result, environ=tf_config(workers, index=index))
         for index, result in enumerate(results)
     ]
-    chief, other = finish(processes, results)
+    return finish(processes, results), results
+
+
+@pytest.mark.distributed
+def test_two_workers_share_the_features_train_together_and_only_the_chief_writes(folder, alone):
+    clear_outputs(folder)
+    (chief, other), _ = run_two_workers(folder)
     assert (chief["is_chief"], other["is_chief"]) == (True, False)
     assert chief["replicas"] == other["replicas"] == 2
     for key in ("train_activations", "train_features", "validation_features"):
@@ -282,13 +288,7 @@ def test_two_workers_share_the_rows_through_the_quantized_lower_part(tmp_path):
     )
     alone = run(tmp_path, "alone")
     clear_outputs(tmp_path)
-    workers = [f"localhost:{port}" for port in free_ports(2)]
-    results = [tmp_path / f"worker{index}.json" for index in (0, 1)]
-    processes = [
-        start(tmp_path, result, environ=tf_config(workers, index=index))
-        for index, result in enumerate(results)
-    ]
-    chief, other = finish(processes, results)
+    (chief, other), results = run_two_workers(tmp_path)
     train_images = 3 * 8
     for report, result in ((chief, results[0]), (other, results[1])):
         log = result.with_suffix(".log").read_text()

@@ -102,7 +102,7 @@ def compute_features(
     changed images go through the base; None: no cache, the features are held in memory.
     `distribution` (tl_helpers.distribute) gives the devices the base runs on and, when
     `batch_size` is None, its batch size; with several workers and a store, each worker first
-    computes its share into the store and waits for the others (`compute_share`).
+    computes its share into the store and waits for the others (`shared_features`).
     `views` names augmented views (tl_helpers.augment): the training rows are every training
     image as it is, then every training image in each view, in that order; validation images
     are only ever used as they are.
@@ -150,28 +150,17 @@ def compute_features(
             extractor, paths, image_size, batch_size, row_views, devices, float16_rows
         )
     else:
-        if distribution is not None and distribution.num_workers > 1:
-            compute_share(
-                extractor,
-                paths,
-                row_views,
-                float16_rows,
-                image_size,
-                cache_dir,
-                batch_size,
-                max_bytes,
-                distribution,
-            )
-        vectors, report = cache.cached_features(
+        vectors, report = shared_features(
             extractor,
             paths,
+            row_views,
+            float16_rows,
             image_size,
             cache_dir,
             batch_size,
             max_bytes,
-            views=row_views,
-            devices=devices,
-            float16_rows=float16_rows,
+            devices,
+            distribution,
         )
     count = len(train_paths)
     class_ids = np.asarray(train.class_ids, dtype=np.int32)
@@ -241,7 +230,7 @@ def _quantized_rows(
     Their store key is made from the float lower part's key (`lower_key`, the key of the float
     rows' pass; None: no store) and how the quantization step will quantize
     (`LowerQuantization.key`), so a re-run neither quantizes nor computes again. With several
-    workers and a store, each computes its share first, as for the float rows (`compute_share`).
+    workers and a store, each computes its share first, as for the float rows (`shared_features`).
     """
 
     @functools.cache
@@ -275,22 +264,67 @@ def _quantized_rows(
             float16_rows=float16_rows,
         )
         return rows
-    key = quantization.key(key, digests)
-    if shared:
-        compute_share(
-            quantized_lower,
-            paths,
-            views,
-            float16_rows,
-            image_size,
-            cache_dir,
-            batch_size,
-            max_bytes,
-            distribution,
-            key=key,
-        )
-    rows, _ = cache.cached_features(
+    rows, _ = shared_features(
         quantized_lower,
+        paths,
+        views,
+        float16_rows,
+        image_size,
+        cache_dir,
+        batch_size,
+        max_bytes,
+        devices,
+        distribution,
+        key=quantization.key(key, digests),
+    )
+    return rows
+
+
+def shared_features(
+    extractor: keras.Model | Callable[[], keras.Model],
+    paths: list[str],
+    views: list[str],
+    float16_rows: list[bool],
+    image_size: int,
+    cache_dir: str | Path,
+    batch_size: int,
+    max_bytes: int,
+    devices: Sequence[str],
+    distribution: Distribution | None,
+    key: str | None = None,
+) -> tuple[StoredFeatures | np.ndarray, cache.CacheReport]:
+    """`cache.cached_features` of every row (`views`: each row's augmented view;
+    `float16_rows`, `key` and a function as `extractor`: see there).
+
+    With several workers, each first computes its share into the shared store and waits for
+    the others: worker k of n takes files k, k + n, k + 2n, ... with all their rows, so each
+    file is decoded by one worker, once. A store a worker cannot see (not a shared folder)
+    costs time, not correctness: the lookup that follows computes what it lacks.
+    """
+    if distribution is not None and distribution.num_workers > 1:
+        files = set(distribution.share(list(dict.fromkeys(paths))))
+        rows = [row for row, path in enumerate(paths) if path in files]
+        print(
+            f"Worker {distribution.worker_index} of {distribution.num_workers}: "
+            f"its share, {len(rows):,} of {len(paths):,} images and views"
+        )
+        if rows:
+            cache.cached_features(
+                extractor,
+                [paths[row] for row in rows],
+                image_size,
+                cache_dir,
+                batch_size,
+                max_bytes,
+                views=[views[row] for row in rows],
+                devices=distribution.devices,
+                float16_rows=[float16_rows[row] for row in rows],
+                key=key,
+            )
+        print("Waiting for the other workers' shares ...")
+        distribution.barrier()
+    return cache.cached_features(
+        extractor,
         paths,
         image_size,
         cache_dir,
@@ -301,51 +335,6 @@ def _quantized_rows(
         float16_rows=float16_rows,
         key=key,
     )
-    return rows
-
-
-def compute_share(
-    extractor: keras.Model | Callable[[], keras.Model],
-    paths: list[str],
-    views: list[str],
-    float16_rows: list[bool],
-    image_size: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    max_bytes: int,
-    distribution: Distribution,
-    key: str | None = None,
-) -> None:
-    """Compute this worker's share of the images into the shared store, then wait for all.
-
-    Worker k of n takes files k, k + n, k + 2n, ... with all their rows (`views`: each row's
-    augmented view; `float16_rows`: see `cache.cached_features`), so each file is decoded by
-    one worker, once; once every worker has passed the barrier, every share is in the store. A
-    store a worker cannot see (not a shared folder) costs time, not correctness: the lookup
-    that follows computes what it lacks. `key` and a function as `extractor`: see
-    `cache.cached_features`.
-    """
-    files = set(distribution.share(list(dict.fromkeys(paths))))
-    rows = [row for row, path in enumerate(paths) if path in files]
-    print(
-        f"Worker {distribution.worker_index} of {distribution.num_workers}: "
-        f"its share, {len(rows):,} of {len(paths):,} images and views"
-    )
-    if rows:
-        cache.cached_features(
-            extractor,
-            [paths[row] for row in rows],
-            image_size,
-            cache_dir,
-            batch_size,
-            max_bytes,
-            views=[views[row] for row in rows],
-            devices=distribution.devices,
-            float16_rows=[float16_rows[row] for row in rows],
-            key=key,
-        )
-    print("Waiting for the other workers' shares ...")
-    distribution.barrier()
 
 
 def check_batch_size(batch_size: int, num_images: int) -> int:
