@@ -40,9 +40,10 @@ import functools
 import hashlib
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +52,7 @@ from tl_helpers import augment, dataset, inference, store
 from tl_helpers.store import FeatureStore, StoredFeatures
 
 keras = tf.keras
+T = TypeVar("T")  # a row's payload in _passes_by_file
 
 # Bump when something that changes features, but not the code hashed below, changes.
 # 2: images turned upright by their EXIF orientation; 3: large JPEGs decoded at a reduced scale
@@ -306,8 +308,12 @@ def _pass(
             print(report.summary())
         if not located.missing:
             return located.features, report
-        for group_paths, group_views, group_digests in _missing_by_file(
-            located.missing, first_path, list(dict.fromkeys(views))
+        missing = []  # (file, view, (view, float16), digest): what _passes_by_file groups
+        for digest in located.missing:
+            path, view, half = first_path[digest]
+            missing.append((path, view, (view, half), digest))
+        for group_paths, group_views, group_digests in _passes_by_file(
+            missing, list(dict.fromkeys(views))
         ):
             compute_into_store(
                 feature_store,
@@ -324,28 +330,26 @@ def _pass(
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
 
 
-def _missing_by_file(
-    missing: Sequence[bytes],
-    first_path: dict[bytes, tuple[str, str, bool]],
-    view_order: list[str],
-) -> list[tuple[list[str], tuple[tuple[str, bool], ...], list[bytes]]]:
-    """The missing entries as passes that decode each file once: (files, their (view, float16)
-    rows, in `view_order`, and the digests in row order: file 0's rows, then file 1's, ...).
+def _passes_by_file(
+    rows: Iterable[tuple[str, str, Hashable, T]], view_order: list[str]
+) -> list[tuple[list[str], tuple[Hashable, ...], list[T]]]:
+    """Rows to compute, (file, view, what the pass needs to know of the row, payload), as
+    passes that decode each file once: (files, each file's rows in `view_order`, the payloads
+    in row order: file 0's rows, then file 1's, ...).
 
     Files that lack the same rows share a pass (a first run: the training images, which lack
     every view, and the validation images, which lack themselves).
     """
-    rows_of: dict[str, list[tuple[str, bool, bytes]]] = {}
-    for digest in missing:
-        path, view, half = first_path[digest]
-        rows_of.setdefault(path, []).append((view, half, digest))
-    groups: dict[tuple[tuple[str, bool], ...], tuple[list[str], list[bytes]]] = {}
-    for path, rows in rows_of.items():
-        rows.sort(key=lambda row: view_order.index(row[0]))
-        files, digests = groups.setdefault(tuple((view, half) for view, half, _ in rows), ([], []))
+    of_file: dict[str, list[tuple[str, Hashable, T]]] = {}
+    for path, view, row, payload in rows:
+        of_file.setdefault(path, []).append((view, row, payload))
+    passes: dict[tuple[Hashable, ...], tuple[list[str], list[T]]] = {}
+    for path, file_rows in of_file.items():
+        file_rows.sort(key=lambda file_row: view_order.index(file_row[0]))
+        files, payloads = passes.setdefault(tuple(row for _, row, _ in file_rows), ([], []))
         files.append(path)
-        digests.extend(digest for _, _, digest in rows)
-    return [(files, group, digests) for group, (files, digests) in groups.items()]
+        payloads.extend(payload for _, _, payload in file_rows)
+    return [(files, rows, payloads) for rows, (files, payloads) in passes.items()]
 
 
 def compute_into_store(
@@ -417,24 +421,21 @@ def uncached_features(
     extractor = built(extractor)
     report = CacheReport(len(paths), 0, len(paths), key=describable_key(extractor, image_size))
     print(f"features: {len(paths):,} images, {len(paths):,} computed (feature cache off)")
-    # Each file is decoded once for all its views: files needing the same views share a pass.
-    view_order = list(dict.fromkeys(views))
-    rows_of: dict[str, dict[str, list[int]]] = {}
-    for row, (path, view) in enumerate(zip(paths, views, strict=True)):
-        rows_of.setdefault(path, {}).setdefault(view, []).append(row)
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for path, by_view in rows_of.items():
-        group = tuple(sorted(by_view, key=view_order.index))
-        groups.setdefault(group, []).append(path)
+    rows_of: dict[tuple[str, str], list[int]] = {}  # a file in a view may be several rows
+    for row, path_view in enumerate(zip(paths, views, strict=True)):
+        rows_of.setdefault(path_view, []).append(row)
     features = None
-    for group, files in groups.items():
+    for files, group, rows in _passes_by_file(
+        ((path, view, view, rows) for (path, view), rows in rows_of.items()),
+        list(dict.fromkeys(views)),
+    ):
         part = inference.predict_images(
             extractor, files, image_size, batch_size, devices=devices, view=list(group)
         )
         if features is None:
             features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
-        for k, (path, view) in enumerate((path, view) for path in files for view in group):
-            features[rows_of[path][view]] = part[k]
+        for computed, same in zip(part, rows, strict=True):
+            features[same] = computed
     if float16_rows is not None:
         rounded = np.flatnonzero(float16_rows)
         features[rounded] = features[rounded].astype(np.float16)
