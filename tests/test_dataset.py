@@ -377,6 +377,8 @@ def test_load_images_shapes_dtype_range_and_order(tmp_path):
     assert images.max() > 200.0  # raw pixel values, not rescaled to [0, 1] or [-1, 1]
     means = images.mean(axis=(1, 2))
     np.testing.assert_allclose(means, np.array(colors, dtype=np.float32), atol=4.0)
+    # No autotuning thread: deleting the pass's iterator would wait for it (up to 10 s).
+    assert load_images(paths, 16, 2).options().autotune.enabled is False
 
 
 def test_load_images_grayscale_becomes_rgb(tmp_path):

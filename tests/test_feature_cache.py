@@ -900,6 +900,8 @@ def test_feature_dataset_follows_the_seed_and_reshuffles_each_epoch():
     batches = [(x.numpy(), y.numpy()) for x, y in ordered]
     assert [len(y) for _, y in batches] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), values)
+    # No autotuning thread: deleting an epoch's iterator would wait for it (up to 10 s).
+    assert ordered.options().autotune.enabled is False
 
 
 def test_configuration_keys_default_to_output_dir_and_opt_out(tmp_path):

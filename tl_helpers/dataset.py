@@ -565,7 +565,20 @@ def load_images(
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if len(views) > 1:
         dataset = dataset.unbatch()  # one row per view
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` without tf.data's autotuning thread.
+
+    That thread sleeps up to 10 s between rounds and deleting an iterator waits for it, so
+    every pass longer than a few seconds ended with a stall of up to 10 s (each fine-tuning
+    epoch too). Without it, AUTOTUNE parallel calls use every core and prefetching continues:
+    a flowers128 pass took as long (docs/performance.md, "Stalls at the end of a pass").
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def files_of_batch(paths: Sequence[str], batch_size: int, number: int, views: int = 1) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_helpers import augment, cache, finetune
-from tl_helpers.dataset import ImageFolder
+from tl_helpers.dataset import ImageFolder, without_autotune
 from tl_helpers.distribute import Distribution, lost_worker_errors
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
 from tl_helpers.model import build_head, feature_extractor, set_head_weights
@@ -597,4 +597,4 @@ def feature_dataset(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     batches = batches.apply(tf.data.experimental.assert_cardinality(steps)).with_options(options)
-    return batches.prefetch(2)
+    return without_autotune(batches.prefetch(2))
