@@ -295,8 +295,9 @@ def instrument(clock: Clock, epoch_s: list[float]) -> None:
 
 def _rows(args: tuple, kwargs: dict) -> int:
     """Rows of a predict_images / predict_chunks call: one per image and view."""
-    view = kwargs.get("view", "")
-    return len(args[1]) * (1 if isinstance(view, str) else len(view))
+    from tl_helpers.dataset import view_names
+
+    return len(args[1]) * len(view_names(kwargs.get("view", "")))
 
 
 def timed_batches(clock: Clock, original: Callable, call: str, count: Callable) -> Callable:

@@ -543,7 +543,7 @@ def load_images(
     """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
-    views = (view,) if isinstance(view, str) else tuple(view)
+    views = view_names(view)
     if not views:
         raise ValueError("load_images: no views")
     size = (int(image_size), int(image_size))
@@ -566,6 +566,11 @@ def load_images(
     if len(views) > 1:
         dataset = dataset.unbatch()  # one row per view
     return without_autotune(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def view_names(view: str | Sequence[str]) -> tuple[str, ...]:
+    """The views of `load_images`'s `view` argument: one name, or several (rows per image)."""
+    return (view,) if isinstance(view, str) else tuple(view)
 
 
 def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -667,7 +672,7 @@ def iter_batches(
 ) -> Iterator[tf.Tensor]:
     """Yield `load_images` batches, turning a decode failure into a TLError naming the file."""
     batches = iter(load_images(paths, image_size, batch_size, view))
-    views = 1 if isinstance(view, str) else len(view)
+    views = len(view_names(view))
     for k in itertools.count():
         try:
             batch = next(batches)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers.dataset import iter_batches
+from tl_helpers.dataset import iter_batches, view_names
 
 keras = tf.keras
 
@@ -78,7 +78,7 @@ def predict_batches(
     `paths`, in order, with a progress bar; any model runner (Keras, TFLite) shares this loop.
     """
     paths = list(paths)
-    rows = len(paths) * (1 if isinstance(view, str) else len(view))
+    rows = len(paths) * len(view_names(view))
     (outputs,) = predict_chunks(run, paths, image_size, rows, batch_size, title, view=view)
     return outputs
 
@@ -104,7 +104,7 @@ def predict_chunks(
         raise ValueError("predict_chunks: no images")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    views = 1 if isinstance(view, str) else len(view)
+    views = len(view_names(view))
     total = len(paths) * views
     if title:
         print(f"{title}: {len(paths)} images" + (f", {views} views each" if views > 1 else ""))
