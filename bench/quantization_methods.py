@@ -102,7 +102,7 @@ def main():
             bit_widths = mct.core.BitWidthConfig()
             filters = [NodeTypeFilter(getattr(tf.keras.layers, name)) for name in A16]
             bit_widths.set_manual_activation_bit_width(filters, 16)
-            with tl.quantize.statistics_in_parallel():
+            with tl.quantize.faster_statistics():
                 quantized, _ = mct.ptq.keras_post_training_quantization(
                     model,
                     calibration,
@@ -134,7 +134,7 @@ def main():
         result["gradual_activation_quantization"] = (
             config.gradual_activation_quantization_config is not None
         )
-        with tl.quantize.statistics_in_parallel():
+        with tl.quantize.faster_statistics():
             quantized, _ = mct.gptq.keras_gradient_post_training_quantization(
                 model,
                 # MCT's GPTQ calls next(data_gen_fn()): CalibrationData() is only an iterable

@@ -490,17 +490,17 @@ def test_notebook_with_quantization_on(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "model" / "imx500").exists()
 
 
-def test_parallel_statistics_give_the_same_quantized_model(tmp_path):
-    """MCT's statistics updated in parallel threads (the default) or one layer after the other
-    give the same weights and the same quantizer thresholds."""
+def test_faster_statistics_give_the_same_quantized_model(tmp_path):
+    """MCT's statistics collected by `faster_statistics` (the default: fewer passes, parallel
+    threads) or by MCT's own code give the same weights and the same quantizer thresholds."""
     make_dataset(tmp_path / "data", LABELS, train_per_class=6, val_per_class=2)
     train, validation = _folders(tmp_path / "data", LABELS)
     classifier = _trained_tiny_classifier(train, validation)
     paths = calibration.calibration_paths(train, batch_size=6, batches=3)
 
-    def quantized(parallel: bool):
+    def quantized(fast: bool):
         data = calibration.CalibrationData(paths, 32, 6)
-        model = quantize.quantize_model(classifier, data, parallel_statistics=parallel)
+        model = quantize.quantize_model(classifier, data, fast_statistics=fast)
         thresholds = [
             layer.activation_holder_quantizer.get_config()
             for layer in model.layers
@@ -508,10 +508,44 @@ def test_parallel_statistics_give_the_same_quantized_model(tmp_path):
         ]
         return model.get_weights(), thresholds
 
-    serial_weights, serial_thresholds = quantized(False)
-    parallel_weights, parallel_thresholds = quantized(True)
-    assert len(serial_thresholds) > 5
-    assert parallel_thresholds == serial_thresholds
-    assert len(parallel_weights) == len(serial_weights)
-    for a, b in zip(parallel_weights, serial_weights, strict=True):
+    mct_weights, mct_thresholds = quantized(False)
+    fast_weights, fast_thresholds = quantized(True)
+    assert len(mct_thresholds) > 5
+    assert fast_thresholds == mct_thresholds
+    assert len(fast_weights) == len(mct_weights)
+    for a, b in zip(fast_weights, mct_weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_collect_statistics_equals_mcts_own_update():
+    """Histogram, weighted histogram, per-channel mean and min/max after several batches are
+    exactly MCT's, for channels last and first, a constant batch, ReLU-like zeros and values
+    whose sum depends on the order of the additions."""
+    quantize.mct()
+    from model_compression_toolkit.core.common.collectors.statistics_collector import (
+        StatsCollector,
+    )
+
+    rng = np.random.default_rng(0)
+    batches = [
+        np.maximum(rng.normal(size=(4, 9, 7, 5)), 0).astype(np.float32),
+        (rng.normal(size=(3, 9, 7, 5)) * 3 + 1).astype(np.float32),
+        np.full((2, 9, 7, 5), 0.25, np.float32),
+        # float64 over many magnitudes: a sum in another order rounds differently
+        rng.normal(size=(6, 9, 7, 5)) * 10.0 ** rng.uniform(-8, 8, size=(6, 9, 7, 5)),
+    ]
+    for axis in (-1, 1):
+        ours, theirs = StatsCollector(axis), StatsCollector(axis)
+        for batch in batches:
+            assert quantize.collect_statistics(ours, batch)
+            theirs.update_statistics(batch)
+        for name in ("hc", "weighted_hc"):
+            ours_bins, ours_counts = getattr(ours, name).get_histogram()
+            their_bins, their_counts = getattr(theirs, name).get_histogram()
+            for a, b in ((ours_bins, their_bins), (ours_counts, their_counts)):
+                np.testing.assert_array_equal(a, b)
+                assert a.dtype == b.dtype
+        np.testing.assert_array_equal(ours.mc.state, theirs.mc.state)
+        np.testing.assert_array_equal(ours.mpcc.state, theirs.mpcc.state)
+    # Hessian weights: left to MCT's own code.
+    assert not quantize.collect_statistics(StatsCollector(-1), batches[0], np.ones(5))

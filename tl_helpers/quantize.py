@@ -228,16 +228,16 @@ def quantize_model(
     calibration: CalibrationData | Callable[[], Iterable[list]],
     tpc_version: str = "1.0",
     settings: Any = None,
-    parallel_statistics: bool = True,
+    fast_statistics: bool = True,
 ) -> keras.Model:
     """Run MCT post-training quantization for the IMX500 with `settings` (an MCT
     QuantizationConfig; default: `quantization_config()`) on `model` with its logits clipped
-    (`with_clipped_logits`); MCT's statistics updates run in parallel threads unless
-    `parallel_statistics` is False (same result, see `statistics_in_parallel`)."""
+    (`with_clipped_logits`). MCT's statistics are collected by `faster_statistics` unless
+    `fast_statistics` is False (MCT's own code: the same quantized model, slower)."""
     check_quantizable(model)
     toolkit = mct()
-    parallel = statistics_in_parallel() if parallel_statistics else contextlib.nullcontext()
-    with parallel:
+    faster = faster_statistics() if fast_statistics else contextlib.nullcontext()
+    with faster:
         quantized, _ = toolkit.ptq.keras_post_training_quantization(
             with_clipped_logits(model, calibration),
             calibration,
@@ -249,9 +249,53 @@ def quantize_model(
     return quantized
 
 
+def collect_statistics(collector: Any, x: Any, weights: Any = None) -> bool:
+    """Update an MCT `StatsCollector` as its `update_statistics` does, with less work; False
+    (nothing done) where this does not apply: Hessian weights, not an array with a channel axis.
+
+    MCT keeps, per layer output, a histogram and a weighted histogram (2,048 bins each,
+    `np.histogram` finding the range itself), the per-channel mean and the per-channel min/max.
+    Here the mean and min/max are MCT's own expressions on the same float64 array; the
+    histogram is given its range from those minima and maxima (the same edges `np.histogram`
+    would find, so the same bins and counts); and with no Hessian weights the weighted
+    histogram is the plain one in float64 (MCT weighs every value by 1.0: the same counts).
+    """
+    from model_compression_toolkit.constants import LAST_AXIS
+    from model_compression_toolkit.core.common.collectors.statistics_collector import (
+        standardize_tensor,
+    )
+
+    mean, extremes = collector.mc, collector.mpcc
+    if (
+        weights is not None
+        or not isinstance(x, np.ndarray)
+        or x.ndim == 0
+        or x.size == 0
+        or mean.axis != extremes.axis
+        or mean.axis not in (LAST_AXIS, *range(x.ndim))
+    ):
+        return False
+    x = standardize_tensor(x)  # float64, as MCT's collectors see it
+    axis = x.ndim - 1 if mean.axis == LAST_AXIS else mean.axis
+    order = [axis, *(i for i in range(x.ndim) if i != axis)]
+    rows = np.reshape(np.transpose(x, order), [x.shape[axis], -1])  # MCT's own expression
+    high, low = np.max(rows, axis=-1), np.min(rows, axis=-1)
+    counts, bins = np.histogram(x, bins=collector.hc._n_bins, range=(low.min(), high.max()))
+    collector.hc._histogram_per_iteration.append((counts, bins))
+    collector.weighted_hc._histogram_per_iteration.append((counts.astype(np.float64), bins.copy()))
+    mean.i += 1
+    mean.current_sum += np.mean(rows, axis=-1)
+    mean.current_mean = mean.current_sum / mean.i
+    if extremes.state is not None:
+        high = np.maximum(high, extremes.state[:, 0])
+        low = np.minimum(low, extremes.state[:, 1])
+    extremes.state = np.stack([high, low], axis=-1)
+    return True
+
+
 @contextlib.contextmanager
-def statistics_in_parallel(workers: int | None = None) -> Iterator[None]:
-    """While active, MCT updates the statistics of its layers in parallel threads.
+def faster_statistics(workers: int | None = None) -> Iterator[None]:
+    """While active, MCT collects its statistics with `collect_statistics`, in parallel threads.
 
     For each calibration batch MCT runs the model, then updates one statistics collector per
     layer output (histograms, means, min/max) one after the other in NumPy, which is most of
@@ -272,9 +316,13 @@ def statistics_in_parallel(workers: int | None = None) -> Iterator[None]:
     slots = threading.BoundedSemaphore(2 * workers)
     pending: list[Future] = []
 
+    def collect(collector: StatsCollector, x: Any, weights: Any) -> None:
+        if not collect_statistics(collector, x, weights):
+            update(collector, x, weights)
+
     def queued_update(collector: StatsCollector, x: Any, weights: Any = None) -> None:
         slots.acquire()
-        future = pool.submit(update, collector, x, weights)
+        future = pool.submit(collect, collector, x, weights)
         future.add_done_callback(lambda _: slots.release())
         pending.append(future)
 
