@@ -547,5 +547,8 @@ def test_collect_statistics_equals_mcts_own_update():
                 assert a.dtype == b.dtype
         np.testing.assert_array_equal(ours.mc.state, theirs.mc.state)
         np.testing.assert_array_equal(ours.mpcc.state, theirs.mpcc.state)
-    # Hessian weights: left to MCT's own code.
-    assert not quantize.collect_statistics(StatsCollector(-1), batches[0], np.ones(5))
+    # Left to MCT's own code, untouched: Hessian weights, values that are not finite.
+    untouched = StatsCollector(-1)
+    assert not quantize.collect_statistics(untouched, batches[0], np.ones(5))
+    assert not quantize.collect_statistics(untouched, np.full((2, 3, 3, 5), np.nan))
+    assert untouched.hc._histogram_per_iteration == [] and untouched.mpcc.state is None

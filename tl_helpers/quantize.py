@@ -251,7 +251,8 @@ def quantize_model(
 
 def collect_statistics(collector: Any, x: Any, weights: Any = None) -> bool:
     """Update an MCT `StatsCollector` as its `update_statistics` does, with less work; False
-    (nothing done) where this does not apply: Hessian weights, not an array with a channel axis.
+    (nothing done) where this does not apply: Hessian weights, not an array with a channel
+    axis, values that are not finite.
 
     MCT keeps, per layer output, a histogram and a weighted histogram (2,048 bins each,
     `np.histogram` finding the range itself), the per-channel mean and the per-channel min/max.
@@ -280,6 +281,8 @@ def collect_statistics(collector: Any, x: Any, weights: Any = None) -> bool:
     order = [axis, *(i for i in range(x.ndim) if i != axis)]
     rows = np.reshape(np.transpose(x, order), [x.shape[axis], -1])  # MCT's own expression
     high, low = np.max(rows, axis=-1), np.min(rows, axis=-1)
+    if not (np.isfinite(low.min()) and np.isfinite(high.max())):
+        return False  # MCT's own code, and its own error
     counts, bins = np.histogram(x, bins=collector.hc._n_bins, range=(low.min(), high.max()))
     collector.hc._histogram_per_iteration.append((counts, bins))
     collector.weighted_hc._histogram_per_iteration.append((counts.astype(np.float64), bins.copy()))
