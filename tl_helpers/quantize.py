@@ -281,9 +281,10 @@ def collect_statistics(collector: Any, x: Any, weights: Any = None) -> bool:
     order = [axis, *(i for i in range(x.ndim) if i != axis)]
     rows = np.reshape(np.transpose(x, order), [x.shape[axis], -1])  # MCT's own expression
     high, low = np.max(rows, axis=-1), np.min(rows, axis=-1)
-    if not (np.isfinite(low.min()) and np.isfinite(high.max())):
+    first, last = low.min(), high.max()
+    if not (np.isfinite(first) and np.isfinite(last)):
         return False  # MCT's own code, and its own error
-    counts, bins = np.histogram(x, bins=collector.hc._n_bins, range=(low.min(), high.max()))
+    counts, bins = np.histogram(x, bins=collector.hc._n_bins, range=(first, last))
     collector.hc._histogram_per_iteration.append((counts, bins))
     collector.weighted_hc._histogram_per_iteration.append((counts.astype(np.float64), bins.copy()))
     mean.i += 1
