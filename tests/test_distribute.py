@@ -218,8 +218,11 @@ def test_two_logical_devices_give_the_same_features_and_train(folder, alone):
     mirrored = run(folder, "mirrored", "--logical-cpus", "2")
     assert (alone["replicas"], mirrored["replicas"]) == (1, 2)
     assert alone["fine_tune_final_loss"] is not None  # the runs fine-tune above conv1
+    # On one device the base runs on TFLite's CPU path, on two in TensorFlow (each batch split
+    # between them): the same features up to rounding, which can move a training row stored as
+    # float16 by one float16 step (2**-10 relative).
     for key in ("train_activations", "train_features", "validation_features"):
-        np.testing.assert_allclose(mirrored[key], alone[key], atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(mirrored[key], alone[key], rtol=2e-3, atol=1e-4, err_msg=key)
     assert mirrored["top_1"] >= alone["top_1"] - 2 / 12  # within noise: 2 of 12 images
 
 

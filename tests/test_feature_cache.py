@@ -47,6 +47,13 @@ def _paths(root: Path) -> list[str]:
     return train_set.paths + val_set.paths
 
 
+def _computed(extractor: keras.Model, paths: list[str]) -> np.ndarray:
+    """The features of `paths` as the feature pass computes them (`inference.backbone_runner`:
+    TFLite's CPU path for these models), without the cache."""
+    run = inference.backbone_runner(extractor, SIZE)
+    return inference.predict_batches(run, paths, SIZE)
+
+
 def _base_with_top(input_size: int = SIZE) -> keras.Model:
     """conv_a (8 ch) -> conv_b (8 ch) -> pooling -> Dense: two cuts give same-sized features."""
     inputs = keras.Input((input_size, input_size, 3))
@@ -196,7 +203,7 @@ def test_changed_top_removal_recomputes_and_the_old_entries_stay(data, tmp_path)
     _run(_extractor(at_b), paths, cache_dir)
     features_a, report = _run(_extractor(at_a), paths, cache_dir)
     assert (report.from_cache, report.computed) == (0, 18)
-    np.testing.assert_allclose(features_a, inference.predict_images(_extractor(at_a), paths, SIZE))
+    np.testing.assert_array_equal(features_a, _computed(_extractor(at_a), paths))
     _, report = _run(_extractor(at_b), paths, cache_dir)  # back to the first cut: still cached
     assert (report.from_cache, report.computed) == (18, 0)
     assert len(list(cache_dir.glob("features-*"))) == 2
@@ -632,9 +639,7 @@ def test_a_pass_of_many_shards_runs_one_pipeline(data, tmp_path, monkeypatch):
     assert report.computed == 18 and len(pipelines) == 1
     shards = FeatureStore(cache_dir).index(cache.model_key(extractor, SIZE)).shards
     assert sorted(shard.rows for shard in shards) == [3, 5, 5, 5]
-    run = inference.keras_runner(extractor, SIZE)
-    whole = inference.predict_batches(run, paths, SIZE, batch_size=4)
-    np.testing.assert_array_equal(np.asarray(features), whole)
+    np.testing.assert_array_equal(np.asarray(features), _computed(extractor, paths))
 
 
 def test_chunks_of_a_pass_join_to_the_whole_pass(data):

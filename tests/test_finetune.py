@@ -125,7 +125,8 @@ def test_pooled_features_from_activations_are_the_base_features(tuned):
         model.build_classifier(model.load_base_model(None, SIZE, 0.35), LABELS, SIZE)
     )
     direct = predict_images(extractor, tuned["val_set"].paths, SIZE)
-    np.testing.assert_allclose(tuned["pooled_before"], direct, atol=1e-5)
+    # The activations come from TFLite's CPU path, `direct` from TensorFlow: rounding differs.
+    np.testing.assert_allclose(tuned["pooled_before"], direct, atol=1e-4)
 
 
 def test_fine_tuning_changes_only_the_layers_above_the_cut(tuned):

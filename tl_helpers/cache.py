@@ -10,8 +10,9 @@ An entry is keyed by everything that decides a feature, and nothing else:
 - the feature extractor (preprocessing + base model after `remove_top_layer_if_needed()` +
   pooling): its architecture with layer names normalised, and every weight array's bytes;
 - `input_tensor_size`, the TensorFlow version, and the image loading code (the source of
-  `dataset.load_images`, `inference.keras_runner`, `inference.predict_images`,
-  `inference.predict_batches` and `inference.predict_chunks`, plus `PIPELINE_VERSION`).
+  `dataset.load_images`, the runners `inference.keras_runner`, `inference.backbone_runner`
+  and `tflite.float_runner`, `inference.predict_images`, `inference.predict_batches` and
+  `inference.predict_chunks`, plus `PIPELINE_VERSION`).
 
 An augmented view of an image (tl_helpers.augment) is an entry of the same model, keyed by
 `augment.view_digest(image digest, view)`: views are computed once, like the images, and a
@@ -48,7 +49,7 @@ from typing import TypeVar
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import augment, dataset, inference, store
+from tl_helpers import augment, dataset, inference, store, tflite
 from tl_helpers.store import FeatureStore, StoredFeatures
 
 keras = tf.keras
@@ -190,6 +191,8 @@ def _code_digest() -> str:
         dataset.exif_orientation,
         dataset.upright,
         inference.keras_runner,
+        inference.backbone_runner,
+        tflite.float_runner,
         inference.predict_images,
         inference.predict_batches,
         inference.predict_chunks,
@@ -374,7 +377,7 @@ def compute_into_store(
     """
     views = list(views)
     float16 = list(float16) if float16 is not None else [False] * len(views)
-    run = inference.keras_runner(extractor, image_size, devices)
+    run = inference.backbone_runner(extractor, image_size, devices)
     shown = [view or "as is" for view in views]
     title = f"views {', '.join(shown)}" if views != [""] else ""
     dim = int(np.prod(extractor.output_shape[1:]))
@@ -429,8 +432,12 @@ def uncached_features(
         ((path, view, view, rows) for (path, view), rows in rows_of.items()),
         list(dict.fromkeys(views)),
     ):
-        part = inference.predict_images(
-            extractor, files, image_size, batch_size, devices=devices, view=list(group)
+        part = inference.predict_batches(
+            inference.backbone_runner(extractor, image_size, devices),
+            files,
+            image_size,
+            batch_size,
+            view=list(group),
         )
         if features is None:
             features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)

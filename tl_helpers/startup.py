@@ -81,25 +81,35 @@ def import_tensorflow() -> ModuleType:
 def stderr_filtered(hidden: re.Pattern[str]) -> Iterator[None]:
     """Collect what is written to file descriptor 2 in the block; then write it out less the
     lines that match `hidden`."""
-    _flush_stderr()
-    with tempfile.TemporaryFile() as collected:
-        saved = os.dup(2)
-        os.dup2(collected.fileno(), 2)
-        try:
+    collected: list[str] = []
+    try:
+        with stderr_collected() as collected:
             yield
+    finally:
+        lines = "".join(collected).splitlines(keepends=True)
+        kept = [line for line in lines if not hidden.search(line)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            _flush_stderr()
+
+
+@contextlib.contextmanager
+def stderr_collected() -> Iterator[list[str]]:
+    """Keep what is written to file descriptor 2 in the block off stderr; the list the block
+    gets receives it as text when the block ends."""
+    collected: list[str] = []
+    _flush_stderr()
+    with tempfile.TemporaryFile() as file:
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield collected
         finally:
             _flush_stderr()
             os.dup2(saved, 2)
             os.close(saved)
-            collected.seek(0)
-            kept = [
-                line
-                for line in collected.read().decode("utf-8", "replace").splitlines(keepends=True)
-                if not hidden.search(line)
-            ]
-            if kept:
-                sys.stderr.write("".join(kept))
-                _flush_stderr()
+            file.seek(0)
+            collected.append(file.read().decode("utf-8", "replace"))
 
 
 def _flush_stderr() -> None:
