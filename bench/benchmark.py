@@ -11,6 +11,8 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 - project_head: the same with "augmentation": "none", "fine_tune": false and
               "label_smoothing": 0: the head alone on the pooled features (the pipeline before
               views, fine-tuning and label smoothing existed);
+- project_views: the same with "augmentation": "mirror_crop" and "fine_tune_epochs": 5, the
+              configuration of the most accurate models measured;
 - project_2x: the same on a copy of the dataset twice as large, for memory scaling;
 - project_quantize: the same with "quantize": true, to time the quantization step's parts
               (MCT, calibration loading, export, quantized evaluation);
@@ -39,7 +41,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import TITLES, VARIANTS, markdown_report, pipeline_seconds, plot_chart, summarise
+from report import (
+    TITLES,
+    VARIANTS,
+    VIEWS_SETTINGS,
+    markdown_report,
+    pipeline_seconds,
+    plot_chart,
+    summarise,
+)
 from variants import MB, child_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,7 +367,9 @@ def child_spec(args: argparse.Namespace, variant: str, datasets: dict, scratch: 
             args.feature_cache,
             quantize=variant == "project_quantize",
             head_only=variant == "project_head",
-            extra={} if variant == "project_head" else args.set,
+            extra={}
+            if variant == "project_head"
+            else {**(VIEWS_SETTINGS if variant == "project_views" else {}), **args.set},
         )
     return spec
 

@@ -203,9 +203,9 @@ def test_augmentation_key_is_checked_and_names_the_view_sets(tmp_path):
 
     make_dataset(tmp_path / "data", LABELS, train_per_class=2, val_per_class=1)
     cfg = load_configuration(write_config(tmp_path))
-    assert augment.views_of(cfg.augmentation) == ("mirror", "crop")  # the default
-    cfg = load_configuration(write_config(tmp_path, augmentation="none"))
-    assert augment.views_of(cfg.augmentation) == ()
+    assert augment.views_of(cfg.augmentation) == ()  # the default: "none"
+    cfg = load_configuration(write_config(tmp_path, augmentation="mirror_crop"))
+    assert augment.views_of(cfg.augmentation) == ("mirror", "crop")
     with pytest.raises(TLError, match="augmentation") as error:
         load_configuration(write_config(tmp_path, augmentation="Mirror"))
     assert '"mirror"' in str(error.value)

@@ -55,10 +55,11 @@ def test_notebook_runs_on_tiny_configuration(tiny_notebook_run):
     text = _outputs_text(run.nb)
     assert "Epoch 3/3" in text and "val_accuracy" in text
     # Fine-tuning is on by default: the default MobileNetV2 is cut at block_12_add and its
-    # top trains for the default 5 epochs after the head's 3; evaluation still runs from the
+    # top trains for the default 3 epochs after the head's 3; evaluation still runs from the
     # (recomputed) validation features.
     assert "the base is cut after block_12_add" in text
-    assert "Fine-tuning" in text and "Epoch 5/5" in text
+    assert "Fine-tuning" in text and "3 epochs, learning rate" in text
+    assert text.count("Epoch 3/3") == 2, "the head's last epoch, then fine-tuning's"
     assert results["evaluation"]["method"].startswith("saved model's head on the validation")
     assert "Top-1 accuracy" in text
     assert run.executed.is_file()
