@@ -302,7 +302,7 @@ def _pass(
             first_path[digest] = (image, view, half)
         elif known[2] and not half:
             first_path[digest] = (known[0], known[1], False)
-    report = None
+    report, run = None, None
     for _ in range(ATTEMPTS):
         located = feature_store.lookup(key, digests)
         if report is None:
@@ -315,6 +315,8 @@ def _pass(
         for digest in located.missing:
             path, view, half = first_path[digest]
             missing.append((path, view, (view, half), digest))
+        if run is None:  # one runner (one TFLite conversion) for every pass below
+            run = inference.backbone_runner(built(extractor), image_size, devices)
         for group_paths, group_views, group_digests in _passes_by_file(
             missing, list(dict.fromkeys(views))
         ):
@@ -327,8 +329,8 @@ def _pass(
                 image_size,
                 batch_size,
                 [view for view, _ in group_views],
-                devices,
                 [half for _, half in group_views],
+                run=run,
             )
     raise OSError("entries vanish as fast as they are added (is another run pruning the store?)")
 
@@ -364,8 +366,8 @@ def compute_into_store(
     image_size: int,
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     views: Sequence[str] = ("",),
-    devices: Sequence[str] = (),
     float16: Sequence[bool] | None = None,
+    run: Callable[[tf.Tensor], np.ndarray] | None = None,
 ) -> None:
     """Run the extractor over `paths`, each decoded once for all its `views` (augmented views,
     tl_helpers.augment), adding one row per file and view to the store a shard at a time.
@@ -373,11 +375,12 @@ def compute_into_store(
     `digests` name the rows in order (file 0's views, then file 1's, ...); `float16`, one per
     view (None: none), says which views' rows are stored as float16. Memory holds at most one
     shard's features, and an interrupted pass keeps the shards it added. One pipeline and one
-    progress bar run over all the rows.
+    progress bar run over all the rows. `run`: the extractor's runner (None: made here,
+    `inference.backbone_runner`).
     """
     views = list(views)
     float16 = list(float16) if float16 is not None else [False] * len(views)
-    run = inference.backbone_runner(extractor, image_size, devices)
+    run = run or inference.backbone_runner(extractor, image_size)
     shown = [view or "as is" for view in views]
     title = f"views {', '.join(shown)}" if views != [""] else ""
     dim = int(np.prod(extractor.output_shape[1:]))
@@ -427,18 +430,12 @@ def uncached_features(
     rows_of: dict[tuple[str, str], list[int]] = {}  # a file in a view may be several rows
     for row, path_view in enumerate(zip(paths, views, strict=True)):
         rows_of.setdefault(path_view, []).append(row)
-    features = None
+    features, run = None, inference.backbone_runner(extractor, image_size, devices)
     for files, group, rows in _passes_by_file(
         ((path, view, view, rows) for (path, view), rows in rows_of.items()),
         list(dict.fromkeys(views)),
     ):
-        part = inference.predict_batches(
-            inference.backbone_runner(extractor, image_size, devices),
-            files,
-            image_size,
-            batch_size,
-            view=list(group),
-        )
+        part = inference.predict_batches(run, files, image_size, batch_size, view=list(group))
         if features is None:
             features = np.empty((len(paths), *part.shape[1:]), dtype=part.dtype)
         for computed, same in zip(part, rows, strict=True):
