@@ -33,11 +33,11 @@ TITLES = {
 }
 BAR_LABELS = {
     "floor": "floor",
-    "project_head": "this project,\nhead only",
-    "project": "this project,\ndefault",
-    "project_views": "this project,\nviews + 5 epochs",
-    "project_2x": "this project,\n2x dataset",
-    "project_quantize": "this project,\nquantize on",
+    "project_head": "head\nonly",
+    "project": "default",
+    "project_views": "views +\n5 epochs",
+    "project_2x": "2x\ndataset",
+    "project_quantize": "quantize\non",
     "classic": "per-epoch\nprocedure",
 }
 # The pipeline's phases (configuration through results.json), in order, with table titles.
