@@ -92,7 +92,7 @@ def float_runner(
     path (the XNNPACK delegate) instead of TensorFlow.
 
     For a frozen model on a CPU this is the same computation, rounded differently (MobileNetV2
-    alpha 0.35's pooled features differ by about 1e-4 at most), at about 3x the images per
+    alpha 0.35's pooled features differ by about 1e-4 at most), at 2.3-2.7x the images per
     second of TensorFlow on 2 cores (docs/performance.md, "The base's passes on TFLite"). The
     model's call is traced with a fixed batch of `batch_size` images (XNNPACK takes only static
     shapes; a shorter batch is padded) and frozen into a graph, so conversion takes about a
