@@ -367,7 +367,8 @@ def compute_into_store(
     batch_size: int = inference.INFERENCE_BATCH_SIZE,
     views: Sequence[str] = ("",),
     float16: Sequence[bool] | None = None,
-    run: Callable[[tf.Tensor], np.ndarray] | None = None,
+    *,
+    run: Callable[[tf.Tensor], np.ndarray],
 ) -> None:
     """Run the extractor over `paths`, each decoded once for all its `views` (augmented views,
     tl_helpers.augment), adding one row per file and view to the store a shard at a time.
@@ -375,12 +376,11 @@ def compute_into_store(
     `digests` name the rows in order (file 0's views, then file 1's, ...); `float16`, one per
     view (None: none), says which views' rows are stored as float16. Memory holds at most one
     shard's features, and an interrupted pass keeps the shards it added. One pipeline and one
-    progress bar run over all the rows. `run`: the extractor's runner (None: made here,
-    `inference.backbone_runner`).
+    progress bar run over all the rows. `run`: the extractor's runner
+    (`inference.backbone_runner`, made once per feature pass by the caller).
     """
     views = list(views)
     float16 = list(float16) if float16 is not None else [False] * len(views)
-    run = run or inference.backbone_runner(extractor, image_size)
     shown = [view or "as is" for view in views]
     title = f"views {', '.join(shown)}" if views != [""] else ""
     dim = int(np.prod(extractor.output_shape[1:]))
