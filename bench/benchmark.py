@@ -11,8 +11,9 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 - project_head: the same with "augmentation": "none", "fine_tune": false and
               "label_smoothing": 0: the head alone on the pooled features (the pipeline before
               views, fine-tuning and label smoothing existed);
-- project_views: the same with "augmentation": "mirror_crop" and "fine_tune_epochs": 5, the
-              configuration of the most accurate models measured;
+- project_views: the same with "augmentation": "mirror_crop", "fine_tune_cut": "block_11_add"
+              and "fine_tune_epochs": 4, the configuration of the most accurate models
+              measured;
 - project_2x: the same on a copy of the dataset twice as large, for memory scaling;
 - project_quantize: the same with "quantize": true, to time the quantization step's parts
               (MCT, calibration loading, export, quantized evaluation);

@@ -8,8 +8,12 @@ Top-1 (float, quantized .keras, int8 .tflite), the conversion's seconds and the 
   an untrained 1000-class top that remove_top_layer_if_needed() strips) on samples/clothing5.
 
     .venv/bin/python bench/convert_check.py [--cases flowers128 clothing10 user_h5]
+    .venv/bin/python bench/convert_check.py --cases flowers128 clothing10 \
+        --set 'augmentation="mirror_crop"' --set 'fine_tune_cut="block_11_add"' \
+        --set fine_tune_epochs=4 --out bench/out/convert_check_accurate
 
-Results in bench/out/convert_check/<case>/ (the executed notebook, results.json, imx500/).
+Results in OUT/<case>/ (default bench/out/convert_check: the executed notebook,
+results.json, imx500/). `--set KEY=JSON` adds a configuration key to every case.
 """
 
 from __future__ import annotations
@@ -46,10 +50,10 @@ def user_h5(folder: Path) -> Path:
     return path
 
 
-def run_case(name: str) -> dict:
+def run_case(name: str, out: Path = OUT, settings: dict | None = None) -> dict:
     from tl_helpers.run_notebook import run_notebook
 
-    folder = OUT / name
+    folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     config = {
@@ -67,6 +71,7 @@ def run_case(name: str) -> dict:
         config["source_keras_model"] = str(user_h5(folder))
     else:
         config |= dataset_config(DATASETS / name)
+    config |= settings or {}
     (folder / "configuration.json").write_text(json.dumps(config, indent=2))
     start = time.perf_counter()
     run_notebook(ROOT / "image_classification.ipynb", folder / "executed.ipynb", cwd=folder)
@@ -75,6 +80,7 @@ def run_case(name: str) -> dict:
     conversion = results["imx500_conversion"]
     return {
         "case": name,
+        "settings": settings or {},
         "notebook_seconds": round(seconds, 1),
         "top_1": results["top_1_accuracy"],
         "quantized_keras_top_1": results["quantized_keras_top_1_accuracy"],
@@ -90,12 +96,24 @@ def run_case(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["flowers128", "clothing10", "user_h5"])
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a configuration key for every case, e.g. --set fine_tune_epochs=4",
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder")
     args = parser.parse_args()
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value)
     rows = []
     for name in args.cases:
-        rows.append(run_case(name))
+        rows.append(run_case(name, args.out.resolve(), settings))
         print(json.dumps(rows[-1]), flush=True)
-        (OUT / "convert_check.json").write_text(json.dumps(rows, indent=2))
+        (args.out / "convert_check.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
