@@ -24,6 +24,8 @@ import shutil
 import time
 from pathlib import Path
 
+from benchmark import parse_setting  # beside this
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 OUT = ROOT / "bench" / "out" / "convert_check"
@@ -105,10 +107,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="output folder")
     args = parser.parse_args()
-    settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        settings[key] = json.loads(value)
+    settings = dict(parse_setting(parser, item) for item in args.set)
     rows = []
     for name in args.cases:
         rows.append(run_case(name, args.out.resolve(), settings))
