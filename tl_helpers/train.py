@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tl_helpers import augment, cache, finetune
+from tl_helpers import augment, cache, finetune, startup
 from tl_helpers.dataset import ImageFolder, without_autotune
 from tl_helpers.distribute import Distribution, lost_worker_errors
 from tl_helpers.inference import INFERENCE_BATCH_SIZE
@@ -425,40 +425,43 @@ def fine_tune(
     rows = len(features.train_activations)
     ids = features.train_ids if features.fine_tune_ids is None else features.fine_tune_ids
     batch_size = check_batch_size(batch_size, rows)
-    with lost_worker_errors(distribution, "fine-tuning"):
-        steps = epochs * math.ceil(rows / batch_size)
-        rate = learning_rate
-        if decay:
-            rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-        model = _compiled(
-            lambda: finetune.fine_tune_model(classifier, split),
-            rate,
-            finetune.steps_per_execution(rows, batch_size),
-            distribution,
-            label_smoothing,
-        )
-        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        print(
-            f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} "
-            f"training rows, {epochs} epochs, learning rate {learning_rate:g}"
-            + (" falling to 0 (cosine)" if decay else "")
-        )
-        history = _fit(
-            model,
-            (features.train_activations, ids),
-            (features.validation_activations, features.validation_ids),
-            batch_size,
-            FINE_TUNE_VALIDATION_BATCH_SIZE,
-            epochs,
-            verbose,
-            callbacks,
-            distribution,
-        )
-    finetune.copy_back(classifier, split, model)
-    # The training copy (layers, optimizer state, traced steps) is held in reference cycles:
-    # collect it now, so that the steps after this one reuse its memory.
-    del model
-    gc.collect()
+    # Each step's tensors of a few MB, each mapped on its own, halved fine-tuning's speed
+    # (startup.heap_allocations); the heap is given back when the training copy is freed.
+    with startup.heap_allocations():
+        with lost_worker_errors(distribution, "fine-tuning"):
+            steps = epochs * math.ceil(rows / batch_size)
+            rate = learning_rate
+            if decay:
+                rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+            model = _compiled(
+                lambda: finetune.fine_tune_model(classifier, split),
+                rate,
+                finetune.steps_per_execution(rows, batch_size),
+                distribution,
+                label_smoothing,
+            )
+            trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+            print(
+                f"Fine-tuning {trainable:,} weights above {split.cut} and the head on {rows:,} "
+                f"training rows, {epochs} epochs, learning rate {learning_rate:g}"
+                + (" falling to 0 (cosine)" if decay else "")
+            )
+            history = _fit(
+                model,
+                (features.train_activations, ids),
+                (features.validation_activations, features.validation_ids),
+                batch_size,
+                FINE_TUNE_VALIDATION_BATCH_SIZE,
+                epochs,
+                verbose,
+                callbacks,
+                distribution,
+            )
+        finetune.copy_back(classifier, split, model)
+        # The training copy (layers, optimizer state, traced steps) is held in reference cycles:
+        # collect it now, so that the steps after this one reuse its memory.
+        del model
+        gc.collect()
     features.train_is_stale = True
     if features.validation_activations is not None:
         features.validation = finetune.pooled_features(split, features.validation_activations)
