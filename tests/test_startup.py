@@ -87,16 +87,18 @@ def test_large_blocks_stay_mapped_after_one_is_freed():
     """After `fix_mmap_threshold`, a block of a few MB freed and asked for again is mapped on its
     own (given back to the system when freed), where glibc's default would take it from the
     heap; the default is checked too, so the test shows the setting is what makes it so."""
+    assert _glibc_script(_MAPPED_AGAIN, "default") == "0"
+    assert _glibc_script(_MAPPED_AGAIN, "fixed") == "1"
+
+
+def _glibc_script(script: str, mode: str) -> str:
+    """What `script` prints, run with `mode` as its argument in a new Python process, without a
+    MALLOC_MMAP_THRESHOLD_ from the environment."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-
-    def mapped_again(mode: str) -> str:
-        command = [sys.executable, "-c", _MAPPED_AGAIN, mode]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    assert mapped_again("default") == "0"
-    assert mapped_again("fixed") == "1"
+    command = [sys.executable, "-c", script, mode]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 _HEAP_ALLOCATIONS = (
@@ -129,15 +131,7 @@ def test_heap_allocations_lifts_the_fixed_threshold_for_its_duration():
     """With the threshold fixed, a 4 MB block is mapped on its own before `heap_allocations`,
     comes from the heap within it, and is mapped on its own again after it; without the fixed
     threshold (a user's MALLOC_MMAP_THRESHOLD_, another C library) it changes nothing."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-
-    def mapped(mode: str) -> str:
-        command = [sys.executable, "-c", _HEAP_ALLOCATIONS, mode]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    assert mapped("fixed") == "1 0 1"
+    assert _glibc_script(_HEAP_ALLOCATIONS, "fixed") == "1 0 1"
     # glibc's default raises its threshold past the first mapped block freed; not fixed, the
     # context leaves that as it is (were it to fix the threshold on leaving: "1 0 1").
-    assert mapped("default") == "1 0 0"
+    assert _glibc_script(_HEAP_ALLOCATIONS, "default") == "1 0 0"
