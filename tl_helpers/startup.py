@@ -48,9 +48,14 @@ STARTUP_NOTICES = re.compile(
 # about 150 MB behind. Kept at glibc's starting value, 128 KiB, they stay mapped
 # (docs/performance.md, "Where the kernel's memory goes").
 MMAP_THRESHOLD = 128 * 1024
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-# glibc's largest dynamic threshold on 64-bit systems: `heap_allocations` uses it.
+M_MMAP_THRESHOLD = -3  # mallopt's parameter numbers (malloc.h)
+M_TRIM_THRESHOLD = -1
+# glibc's largest dynamic threshold on 64-bit systems: `heap_allocations` uses it, with the
+# trim threshold glibc's dynamic rule would pair with it (twice as large).
 HEAP_THRESHOLD = 32 * 2**20
+# glibc's default trim threshold: the heap's top is given back once this much of it is free.
+# Setting the mmap threshold stops glibc from adjusting it, so it stays at this value.
+TRIM_THRESHOLD = 128 * 1024
 _threshold_fixed = False  # set by fix_mmap_threshold
 
 
@@ -72,22 +77,26 @@ def fix_mmap_threshold() -> bool:
 
 @contextlib.contextmanager
 def heap_allocations() -> Iterator[None]:
-    """Within: blocks up to HEAP_THRESHOLD come from the heap. After: the fixed threshold again,
-    and the heap's free pages given back to the system (`malloc_trim`).
+    """Within: blocks up to HEAP_THRESHOLD come from the heap, which keeps up to twice that
+    free at its top. After: the fixed thresholds again, and the heap's free pages given back
+    to the system (`malloc_trim`).
 
-    Training allocates and frees tensors of a few MB at every step; mapping each on its own
-    (the fixed threshold) halved fine-tuning's speed on a 2-core AMD EPYC machine
-    (docs/performance.md, "Where the kernel's memory goes"). Does nothing unless
-    `fix_mmap_threshold` fixed the threshold.
+    A training step allocates and frees tensors of a few MB; mapping each on its own (the
+    fixed threshold), or giving the heap's top back after each (the trim threshold glibc then
+    keeps), made fine-tuning 2x as slow on a 2-core AMD EPYC machine (docs/performance.md,
+    "Where the kernel's memory goes"). Not used for the feature passes: there the heap grew
+    with the dataset. Does nothing unless `fix_mmap_threshold` fixed the threshold.
     """
     mallopt = _mallopt() if _threshold_fixed else None
     if mallopt is None:
         yield
         return
     mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
     try:
         yield
     finally:
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         ctypes.CDLL(None).malloc_trim(0)
 

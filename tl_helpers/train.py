@@ -425,8 +425,8 @@ def fine_tune(
     rows = len(features.train_activations)
     ids = features.train_ids if features.fine_tune_ids is None else features.fine_tune_ids
     batch_size = check_batch_size(batch_size, rows)
-    # Each step's tensors of a few MB, each mapped on its own, halved fine-tuning's speed
-    # (startup.heap_allocations); the heap is given back when the training copy is freed.
+    # Each step's tensors of a few MB come from glibc's heap (startup.heap_allocations), which
+    # is given back once the training copy is freed.
     with startup.heap_allocations():
         with lost_worker_errors(distribution, "fine-tuning"):
             steps = epochs * math.ceil(rows / batch_size)
