@@ -10,8 +10,9 @@ of the known start-up notices (`STARTUP_NOTICES`) is written to stderr as usual.
 log level is left as it is: what it logs after the import shows.
 
 Before the import, glibc's mmap threshold is fixed (`fix_mmap_threshold`), so that the
-process's memory does not creep up over a long backbone pass; fine-tuning lifts it while it
-trains (`heap_allocations`), as mapping each step's tensors on their own halved its speed.
+process's memory does not creep up over a long backbone pass; fine-tuning lifts it, and the
+trim threshold, while it trains (`heap_allocations`), as mapping each step's tensors on their
+own, or trimming the heap after each step, halved its speed.
 """
 
 from __future__ import annotations
