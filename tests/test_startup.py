@@ -145,3 +145,31 @@ def test_heap_allocations_lifts_the_fixed_threshold_for_its_duration():
     # glibc's default raises its thresholds past the first mapped block freed (trim: twice
     # that); not fixed, the context leaves them as they are (fixing them on leaving: "1 0").
     assert _glibc_script(_HEAP_ALLOCATIONS, "default") == "1 1 0 1 0 1"
+
+
+_PASS_ALLOCATIONS = (
+    _HEAP_ALLOCATIONS.split("if sys.argv[1]")[0].replace("heap_allocations", "pass_allocations")
+    + """
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+print(mapped(2 * 2**20), kept(), end=" ")
+with pass_allocations():
+    print(mapped(2 * 2**20), mapped(8 * 2**20), kept(), end=" ")
+print(mapped(2 * 2**20), kept())
+"""
+)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="glibc 2.33 or newer only",
+)
+def test_pass_allocations_raises_the_fixed_threshold_to_4_mib_for_its_duration():
+    """With the threshold fixed, a 2 MB block is mapped on its own before and after
+    `pass_allocations` and comes from the heap within it, where an 8 MB block (a batch of
+    images) is still mapped on its own; 4 MB freed at the heap's top are kept within it only
+    (its trim threshold is 8 MiB). Not fixed, it changes nothing."""
+    assert _glibc_script(_PASS_ALLOCATIONS, "fixed") == "1 0 0 1 1 1 0"
+    # glibc's default raises its thresholds past each larger mapped block freed (2 MB, then
+    # 8 MB); not fixed, the context leaves them as they are (fixing them on leaving: "1 0").
+    assert _glibc_script(_PASS_ALLOCATIONS, "default") == "1 1 0 1 1 0 1"

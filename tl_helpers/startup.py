@@ -10,9 +10,10 @@ of the known start-up notices (`STARTUP_NOTICES`) is written to stderr as usual.
 log level is left as it is: what it logs after the import shows.
 
 Before the import, glibc's mmap threshold is fixed (`fix_mmap_threshold`), so that the
-process's memory does not creep up over a long backbone pass; fine-tuning lifts it, and the
-trim threshold, while it trains (`heap_allocations`), as mapping each step's tensors on their
-own, or trimming the heap after each step, halved its speed.
+process's memory does not creep up over a long run. While they run, the base's passes raise
+it and the trim threshold a little (`pass_allocations`) and fine-tuning much more
+(`heap_allocations`): mapping each of their tensors on its own, or trimming the heap after
+each step, cost the passes a quarter of their speed and fine-tuning half.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ HEAP_THRESHOLD = 32 * 2**20
 # glibc's default trim threshold: the heap's top is given back once this much of it is free.
 # Setting the mmap threshold stops glibc from adjusting it, so it stays at this value.
 TRIM_THRESHOLD = 128 * 1024
+# During the base's passes (`pass_allocations`): one image's tensors (602 KB at 224 px) come
+# from the heap, a batch's (9.6 MB for 16 images) is still mapped on its own. Over 100,000
+# photos the pass's memory stayed as flat as with the fixed threshold (docs/performance.md,
+# "The passes at 4 MiB").
+PASS_THRESHOLD = 4 * 2**20
 _threshold_fixed = False  # set by fix_mmap_threshold
 
 
@@ -85,15 +91,36 @@ def heap_allocations() -> Iterator[None]:
     A training step allocates and frees tensors of a few MB; mapping each on its own (the
     fixed threshold), or giving the heap's top back after each (the trim threshold glibc then
     keeps), made fine-tuning 2x as slow on a 2-core AMD EPYC machine (docs/performance.md,
-    "Where the kernel's memory goes"). Not used for the feature passes: there the heap grew
-    with the dataset. Does nothing unless `fix_mmap_threshold` fixed the threshold.
+    "Where the kernel's memory goes"). Does nothing unless `fix_mmap_threshold` fixed the
+    threshold.
     """
+    with _thresholds_raised(HEAP_THRESHOLD):
+        yield
+
+
+@contextlib.contextmanager
+def pass_allocations() -> Iterator[None]:
+    """As `heap_allocations`, for the base's passes: blocks up to PASS_THRESHOLD come from the
+    heap, which keeps up to twice that free at its top.
+
+    The passes free and allocate tensors of a few hundred KB for each image; mapping each on
+    its own cost them a quarter of their speed. Not HEAP_THRESHOLD: with it the pass over
+    flowers128 peaked about 300 MB higher (docs/performance.md, "A lead for the passes").
+    """
+    with _thresholds_raised(PASS_THRESHOLD):
+        yield
+
+
+@contextlib.contextmanager
+def _thresholds_raised(threshold: int) -> Iterator[None]:
+    """Within: mmap threshold `threshold`, trim threshold twice that (glibc's dynamic pairing).
+    After: the fixed thresholds and `malloc_trim`. Nothing unless the threshold was fixed."""
     mallopt = _mallopt() if _threshold_fixed else None
     if mallopt is None:
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    mallopt(M_TRIM_THRESHOLD, 2 * threshold)
     try:
         yield
     finally:

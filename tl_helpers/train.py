@@ -145,23 +145,26 @@ def compute_features(
     # Validation rows stay float32, as computed, so that evaluation from them reproduces the
     # saved model.
     float16_rows = [True] * len(train_paths) + [False] * len(validation_paths)
-    if cache_dir is None:
-        vectors, report = cache.uncached_features(
-            extractor, paths, image_size, batch_size, row_views, devices, float16_rows
-        )
-    else:
-        vectors, report = shared_features(
-            extractor,
-            paths,
-            row_views,
-            float16_rows,
-            image_size,
-            cache_dir,
-            batch_size,
-            max_bytes,
-            devices,
-            distribution,
-        )
+    # Each image's tensors of a few hundred KB come from glibc's heap during the passes
+    # (startup.pass_allocations).
+    with startup.pass_allocations():
+        if cache_dir is None:
+            vectors, report = cache.uncached_features(
+                extractor, paths, image_size, batch_size, row_views, devices, float16_rows
+            )
+        else:
+            vectors, report = shared_features(
+                extractor,
+                paths,
+                row_views,
+                float16_rows,
+                image_size,
+                cache_dir,
+                batch_size,
+                max_bytes,
+                devices,
+                distribution,
+            )
     count = len(train_paths)
     class_ids = np.asarray(train.class_ids, dtype=np.int32)
     train_ids = np.tile(class_ids, 1 + len(views))
