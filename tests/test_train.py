@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -264,3 +266,44 @@ def test_corrupt_image_is_named_during_the_pass(tmp_path):
 
     with pytest.raises(TLError, match="b_002.jpg"):
         train.compute_features(classifier, folder, None, SIZE, batch_size=4)
+
+
+def test_the_pass_runs_within_pass_allocations_which_it_leaves_when_a_photo_fails(
+    tmp_path, monkeypatch
+):
+    """The base's pass runs inside `startup.pass_allocations` (glibc's 4 MiB threshold, tested
+    in test_startup.py), and leaves it when the pass stops on a bad photo."""
+    from tl_helpers import cache, startup
+    from tl_helpers.errors import TLError
+
+    events = []
+    real_context, real_pass = startup.pass_allocations, cache.uncached_features
+
+    @contextlib.contextmanager
+    def recorded_context():
+        events.append("enter")
+        try:
+            with real_context():
+                yield
+        finally:
+            events.append("leave")
+
+    def recorded_pass(*args, **kwargs):
+        events.append("pass")
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(startup, "pass_allocations", recorded_context)
+    monkeypatch.setattr(cache, "uncached_features", recorded_pass)
+    labels = {"a": 0, "b": 1}
+    root = make_dataset(tmp_path / "ds", labels, train_per_class=3, val_per_class=1)
+    folder = dataset.scan_image_folder(root / "training", labels)
+    classifier = model.build_classifier(tiny_base_model(SIZE), labels, SIZE)
+    features = train.compute_features(classifier, folder, None, SIZE, batch_size=4)
+    assert features.train.shape[0] == 6
+    assert events == ["enter", "pass", "leave"]
+    bad = root / "training" / "b" / "b_002.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    folder = dataset.scan_image_folder(root / "training", labels)
+    with pytest.raises(TLError, match="b_002.jpg"):
+        train.compute_features(classifier, folder, None, SIZE, batch_size=4)
+    assert events == ["enter", "pass", "leave"] * 2
