@@ -48,7 +48,7 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow and not notebook and not mct and not distributed and not savedmodel"
 
-## The benchmark (not a test; 15-35 minutes on 2 cores, on a quiet machine): this project vs
+## The benchmark (not a test; 15-40 minutes on 2 cores, on a quiet machine): this project vs
 ## the per-epoch procedure vs the floor on ../shared/datasets/flowers128; results in bench/out/,
 ## table and chart published to docs/benchmark/ and docs/performance.md.
 ## Quick check of the script: make bench BENCH_ARGS="--limit-per-class 20 --epochs 2"
