@@ -20,7 +20,10 @@ epochs, each variant in its own child process (its peak RSS is its own: `wait4` 
 - classic:    the per-epoch procedure of the public reference notebook (Keras folder dataset,
               `fit` running the frozen network over every image every epoch, save, reload,
               batch-1 evaluation), class ids mapped to labels.json so Top-1 is comparable;
-- floor:      one batched backbone pass over all training and validation images, nothing else.
+- floor:      one batched backbone pass over all training and validation images, nothing else;
+- baseline:   issue 19's baseline, the product when that issue was filed (report.BASELINE_COMMIT:
+              the head-only pipeline): that commit's own code and benchmark, taken from git
+              history (`git archive`) and run as its `--variants project`, in the same rounds.
 
 Outputs in bench/out/: benchmark.json (everything), benchmark.md (tables), benchmark.png (time
 against epochs, peak memory), one log per variant. --publish copies the table and the chart
@@ -43,6 +46,7 @@ import time
 from pathlib import Path
 
 from report import (
+    BASELINE_COMMIT,
     TITLES,
     VARIANTS,
     VIEWS_SETTINGS,
@@ -315,8 +319,11 @@ def run_variants(args: argparse.Namespace, datasets: dict, scratch: Path) -> dic
             if run and variant in ONCE:
                 continue
             work = scratch / f"run{run + 1}"
-            spec = child_spec(args, variant, datasets, work)
-            reports[variant].append({**run_child(spec, work, args.out), "round": run + 1})
+            if variant == "baseline":
+                report = run_baseline(args, datasets["1x"]["path"], scratch, work)
+            else:
+                report = run_child(child_spec(args, variant, datasets, work), work, args.out)
+            reports[variant].append({**report, "round": run + 1})
     return {variant: best_run(variant, runs) for variant, runs in reports.items()}
 
 
@@ -455,6 +462,66 @@ def run_child(spec: dict, scratch: Path, out: Path) -> dict:
         flush=True,
     )
     return report
+
+
+def run_baseline(args: argparse.Namespace, dataset: str, scratch: Path, work: Path) -> dict:
+    """Issue 19's baseline: BASELINE_COMMIT's own benchmark, `--variants project`, on the same
+    dataset and settings, its code first on `PYTHONPATH`; its report of that run.
+
+    The code comes from this clone's history (`git archive`, once per benchmark); without it
+    (no git, a shallow clone) the variant is reported as not run and its targets are skipped.
+    """
+    print(f"\n=== baseline: {TITLES['baseline']} ===", flush=True)
+    code = scratch / "baseline-code"
+    if not code.is_dir():
+        code.mkdir()
+        try:
+            archive = subprocess.run(
+                ["git", "archive", "--format=tar", BASELINE_COMMIT],
+                cwd=REPO,
+                capture_output=True,
+                check=True,
+                timeout=120,
+            )
+            subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            shutil.rmtree(code, ignore_errors=True)
+            print(f"=== baseline: not run: commit {BASELINE_COMMIT} not readable here ({err}) ===")
+            return {"ok": False, "error": f"git archive {BASELINE_COMMIT} failed"}
+    out = work / "baseline-out"
+    command = [
+        sys.executable,
+        str(code / "bench" / "benchmark.py"),
+        dataset,
+        "--variants",
+        "project",
+        "--repeat",
+        "1",
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--input-size",
+        str(args.input_size),
+        "--alpha",
+        str(args.alpha),
+        "--out",
+        str(out),
+    ]
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    with (args.out / "baseline.log").open("w", encoding="utf-8") as log:
+        done = subprocess.run(
+            command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+        )
+    result = out / "benchmark.json"
+    report = {"ok": False, "exit_code": done.returncode}
+    if done.returncode == 0 and result.is_file():
+        report = json.loads(result.read_text(encoding="utf-8"))["variants"]["project"]
+    status = f"{report['total_s']:.1f} s" if report.get("ok") else "failed"
+    log = args.out / "baseline.log"
+    print(f"=== baseline: exit status {done.returncode}, {status}; log {log} ===", flush=True)
+    return {**report, "commit": BASELINE_COMMIT}
 
 
 def write_outputs(summary: dict, out: Path, publish: bool) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 VARIANTS = (
     "floor",
+    "baseline",
     "project_head",
     "project",
     "project_views",
@@ -20,6 +21,11 @@ VIEWS_SETTINGS = {
     "fine_tune_cut": "block_11_add",
     "fine_tune_epochs": 4,
 }
+# Issue 19 sets its targets against the product as it was when the issue was filed ("today's"):
+# the head-only pipeline of this commit, whose `make bench` of 2026-11-26 measured 66.1 s,
+# Top-1 0.7306 and 1097 MB. The "baseline" variant runs that commit's own benchmark again, on
+# the same machine in the same rounds, so the ratios compare code, not machines or days.
+BASELINE_COMMIT = "5a1ce37"
 # Issue 19's fine-tuning option: flowers128 Top-1 at least 0.775 (4.5 points above the head only
 # of 2026-11-26, 0.7306) within 6x the head only's first run.
 VIEWS_TOP_1 = 0.775
@@ -27,6 +33,7 @@ VIEWS_TOP_1 = 0.775
 # views and fine-tuning: the default run must not use more (issue 19).
 HEAD_ONLY_PEAK_MB = 1097
 TITLES = {
+    "baseline": f"issue 19's baseline (commit {BASELINE_COMMIT}, head only)",
     "project_head": "this project, head only",
     "project": "this project",
     "project_views": "this project, most accurate (views, cut block_11_add, 4 epochs)",
@@ -37,6 +44,7 @@ TITLES = {
 }
 BAR_LABELS = {
     "floor": "floor",
+    "baseline": "issue 19\nbaseline",
     "project_head": "head\nonly",
     "project": "default",
     "project_views": "most\naccurate",
@@ -141,13 +149,38 @@ def check_targets(summary: dict) -> list[dict]:
             f"{speedup:.1f}x",
             speedup >= 6,
         )
+    # Issue 19's own targets: against the product when the issue was filed (the baseline).
+    if "baseline" in v and "project" in v:
+        base, default = v["baseline"], v["project"]
+        ratio = default["total_s"] / base["total_s"]
+        add("default first run at most 3x issue 19's baseline", f"{ratio:.2f}x", ratio <= 3)
+        gain = default["top_1"] - base["top_1"]
+        add(
+            "default Top-1 at least 2 points above issue 19's baseline",
+            f"{default['top_1']:.4f} vs {base['top_1']:.4f} ({100 * gain:+.1f} points)",
+            gain >= 0.02,
+        )
+    if "baseline" in v and "project_views" in v:
+        base, views = v["baseline"], v["project_views"]
+        ratio = views["total_s"] / base["total_s"]
+        add(
+            f"most accurate setting: Top-1 at least {VIEWS_TOP_1} within 6x issue 19's baseline",
+            f"{views['top_1']:.4f} in {ratio:.2f}x",
+            views["top_1"] >= VIEWS_TOP_1 and ratio <= 6,
+        )
+    # Stricter than the issue: against today's head only, which the passes on TFLite made
+    # faster than the baseline; the ratios then measure only what views and fine-tuning add.
     if "project_head" in v and "project" in v:
         head, default = v["project_head"], v["project"]
         ratio = default["total_s"] / head["total_s"]
-        add("default first run at most 3x the head only", f"{ratio:.2f}x", ratio <= 3)
+        add(
+            "stricter: default first run at most 3x this project's head only",
+            f"{ratio:.2f}x",
+            ratio <= 3,
+        )
         gain = default["top_1"] - head["top_1"]
         add(
-            "default Top-1 at least 2 points above the head only",
+            "stricter: default Top-1 at least 2 points above this project's head only",
             f"{default['top_1']:.4f} vs {head['top_1']:.4f} ({100 * gain:+.1f} points)",
             gain >= 0.02,
         )
@@ -155,7 +188,8 @@ def check_targets(summary: dict) -> list[dict]:
         head, views = v["project_head"], v["project_views"]
         ratio = views["total_s"] / head["total_s"]
         add(
-            f"most accurate setting: Top-1 at least {VIEWS_TOP_1} within 6x the head only",
+            f"stricter: most accurate setting, Top-1 at least {VIEWS_TOP_1} within 6x this "
+            "project's head only",
             f"{views['top_1']:.4f} in {ratio:.2f}x",
             views["top_1"] >= VIEWS_TOP_1 and ratio <= 6,
         )
@@ -184,11 +218,16 @@ def check_targets(summary: dict) -> list[dict]:
     if "project" in v:
         peak = v["project"]["peak_rss_mb"]
         add("peak memory under 1.5 GB", f"{peak:.0f} MB", peak < 1500)
-        if "project_head" in v:
+        if "project_head" in v or "baseline" in v:
+            others = [
+                f"{TITLES[name].split(' (')[0]}: {v[name]['peak_rss_mb']:.0f} MB"
+                for name in ("baseline", "project_head")
+                if name in v
+            ]
             add(
-                f"default's peak memory at most the head only's of 2026-11-26 "
+                f"default's peak memory at most issue 19's baseline's of 2026-11-26 "
                 f"({HEAD_ONLY_PEAK_MB} MB)",
-                f"{peak:.0f} MB (head only now: {v['project_head']['peak_rss_mb']:.0f} MB)",
+                f"{peak:.0f} MB (in this run, {'; '.join(others)})",
                 peak <= HEAD_ONLY_PEAK_MB,
             )
     if "project" in v and "project_2x" in v:
@@ -287,7 +326,7 @@ def _curve_table(summary: dict, ok: dict) -> list[str]:
     s = summary["settings"]
     curves = [
         c
-        for c in ("project_head", "project", "project_views", "classic")
+        for c in ("baseline", "project_head", "project", "project_views", "classic")
         if "time_by_epochs_s" in ok.get(c, {})
     ]
     if not curves:
@@ -370,6 +409,7 @@ def plot_chart(summary: dict, path: Path) -> Path | None:
     s, m, d = summary["settings"], summary["machine"], summary["datasets"]["1x"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(3, 2))
     colours = {
+        "baseline": "tab:brown",
         "project_head": "tab:green",
         "project": "tab:blue",
         "project_views": "tab:olive",
@@ -377,7 +417,7 @@ def plot_chart(summary: dict, path: Path) -> Path | None:
         "project_quantize": "tab:purple",
         "classic": "tab:red",
     }
-    for variant in ("project_head", "project", "project_views", "classic"):
+    for variant in ("baseline", "project_head", "project", "project_views", "classic"):
         curve = ok.get(variant, {}).get("time_by_epochs_s")
         if curve:
             epochs = [int(e) for e in curve]
