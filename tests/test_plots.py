@@ -26,6 +26,7 @@ from matplotlib.artist import Artist
 from PIL import Image
 
 from tl_helpers import dataset, evaluate, model, plots, progress, train
+from tl_helpers.store import FeatureStore
 
 NOTEBOOK_FIGURES = (
     "class_counts.png",
@@ -113,6 +114,51 @@ def test_balanced_dataset_gets_no_warning(tmp_path, capsys):
     assert dataset.class_warnings(training) == []
     dataset.print_class_warnings(training)
     assert "Classes look fine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["by size and contents", "store digests"])
+def test_identical_images_name_validation_copies_and_photos_in_two_classes(tmp_path, capsys, store):
+    cache_dir = tmp_path / "feature_cache" if store else None
+    labels = {"cat": 0, "dog": 1}
+    make_dataset(tmp_path, labels, train_per_class=6, val_per_class=3)
+    training_dir, validation_dir = tmp_path / "training", tmp_path / "validation"
+
+    def copy(source: Path, target: Path, change_byte: bool = False) -> None:
+        data = bytearray(source.read_bytes())
+        if change_byte:  # same size, other contents (a byte of the compressed pixels)
+            data[-10] ^= 0x01
+        target.write_bytes(bytes(data))
+
+    copy(training_dir / "cat" / "cat_004.jpg", validation_dir / "cat" / "cat_copy.jpg")
+    copy(training_dir / "cat" / "cat_001.jpg", training_dir / "dog" / "cat_001.jpg")
+    copy(training_dir / "dog" / "dog_002.jpg", training_dir / "dog" / "dog_again.jpg")
+    copy(training_dir / "dog" / "dog_003.jpg", validation_dir / "cat" / "near.jpg", True)
+    if store:  # files changed within the last 2 s are hashed but not kept in the stat index
+        time.sleep(2.1)
+    training = dataset.scan_image_folder(training_dir, labels)
+    validation = dataset.scan_image_folder(validation_dir, labels, role="validation")
+
+    leak, conflict = dataset.identical_image_warnings(training, validation, cache_dir)
+    assert leak.startswith("1 validation image is a copy of a training image")
+    assert "training/cat/cat_004.jpg = validation/cat/cat_copy.jpg" in leak
+    assert conflict.startswith("1 photo is filed under more than one class")
+    assert "training/cat/cat_001.jpg = training/dog/cat_001.jpg" in conflict
+    # A copy within one class of the training images is harmless; same size is not a copy.
+    assert "dog_again" not in leak + conflict and "near.jpg" not in leak + conflict
+    dataset.print_identical_images(training, validation, cache_dir)
+    assert capsys.readouterr().out.count("Warning: ") == 2
+    if store:  # the digests are kept for the feature pass (and the next run)
+        assert len(FeatureStore(cache_dir)._read_stat_index().row) == len(training) + len(
+            validation
+        )
+
+    (validation_dir / "cat" / "cat_copy.jpg").unlink()
+    (training_dir / "dog" / "cat_001.jpg").unlink()
+    training = dataset.scan_image_folder(training_dir, labels)
+    validation = dataset.scan_image_folder(validation_dir, labels, role="validation")
+    assert dataset.identical_image_warnings(training, validation, cache_dir) == []
+    dataset.print_identical_images(training, validation, cache_dir)
+    assert "No validation image is a copy" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- figures

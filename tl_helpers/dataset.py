@@ -40,6 +40,7 @@ it like this (or use `iter_batches`, which does it)::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -515,6 +516,107 @@ def print_class_warnings(training: ImageFolder, validation: ImageFolder | None =
             f"Classes look fine: each has at least {FEW_IMAGES} training images, and the "
             f"largest has {max(counts) / min(counts):.1f}x the images of the smallest."
         )
+
+
+def identical_images(
+    training: ImageFolder,
+    validation: ImageFolder | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[list[tuple[ImageFolder, int]]]:
+    """Groups of files with the same contents, in either folder, as (folder, index) pairs.
+
+    With `cache_dir` (the feature store's folder) the contents are compared by the store's
+    digests, which it keeps per file and which the feature pass reads anyway, so a re-run reads
+    no file for this. Without it (or if the store cannot be used), only files whose size another
+    file shares are read and hashed.
+    """
+    files = [
+        (folder, index)
+        for folder in (training, validation)
+        if folder is not None
+        for index in range(len(folder.paths))
+    ]
+    paths = [folder.paths[index] for folder, index in files]
+    digests = None
+    if cache_dir is not None:
+        from tl_helpers.store import FeatureStore  # no TensorFlow; only this check needs it
+
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            digests = FeatureStore(cache_dir).digests(paths)
+        except OSError:
+            digests = None  # the feature step says what is wrong with the store
+    if digests is None:
+        digests = [b""] * len(paths)
+        by_size: dict[int, list[int]] = {}
+        for number, path in enumerate(paths):
+            by_size.setdefault(os.stat(path).st_size, []).append(number)
+        for numbers in by_size.values():
+            for number in numbers if len(numbers) > 1 else ():
+                with open(paths[number], "rb") as file:
+                    digests[number] = hashlib.file_digest(file, "sha256").digest()
+    by_contents: dict[bytes, list[tuple[ImageFolder, int]]] = {}
+    for file, digest in zip(files, digests, strict=True):
+        if digest:
+            by_contents.setdefault(digest, []).append(file)
+    return [same for same in by_contents.values() if len(same) > 1]
+
+
+def identical_image_warnings(
+    training: ImageFolder,
+    validation: ImageFolder | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[str]:
+    """Warnings naming validation images that are copies of training images (Top-1 would
+    count photos the model trained on as unseen) and photos filed under several classes."""
+
+    def name(file: tuple[ImageFolder, int]) -> str:
+        folder, index = file
+        inside = Path(folder.paths[index]).relative_to(folder.directory)
+        return str(Path(folder.directory.name) / inside)
+
+    leaks, conflicts = [], []
+    for files in identical_images(training, validation, cache_dir):
+        names = " = ".join(sorted(map(name, files)))
+        roles = {folder is validation for folder, _ in files}
+        if validation is not None and roles == {True, False}:
+            leaks.append(names)
+        if len({int(folder.class_ids[index]) for folder, index in files}) > 1:
+            conflicts.append(names)
+    warnings = []
+    if leaks:
+        many = len(leaks) > 1
+        warnings.append(
+            f"{len(leaks)} validation "
+            + (
+                "images are copies of training images"
+                if many
+                else "image is a copy of a training image"
+            )
+            + " (the same file contents), so Top-1 counts photos the model trained on as unseen: "
+            f"{_listing(leaks)}. Delete each from one of the two folders."
+        )
+    if conflicts:
+        warnings.append(
+            f"{len(conflicts)} photo{'s are' if len(conflicts) > 1 else ' is'} filed under "
+            "more than one class (the same file contents in different class folders), which "
+            f"teaches the model contradicting labels: {_listing(conflicts)}. Keep each in the "
+            "one class folder it belongs to."
+        )
+    return warnings
+
+
+def print_identical_images(
+    training: ImageFolder,
+    validation: ImageFolder | None = None,
+    cache_dir: str | Path | None = None,
+) -> None:
+    """Print `identical_image_warnings`, or that no photo is in two places, for the notebook."""
+    warnings = identical_image_warnings(training, validation, cache_dir)
+    for warning in warnings:
+        print(f"Warning: {warning}")
+    if not warnings:
+        print("No validation image is a copy of a training image, and no photo is in two classes.")
 
 
 def _classes(names: Sequence[str], counts: dict[str, int] | None = None) -> str:
