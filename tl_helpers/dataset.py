@@ -40,7 +40,6 @@ it like this (or use `iter_batches`, which does it)::
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -537,13 +536,13 @@ def identical_images(
         for index in range(len(folder.paths))
     ]
     paths = [folder.paths[index] for folder, index in files]
+    from tl_helpers import store  # no TensorFlow; only this check needs it here
+
     digests = None
     if cache_dir is not None:
-        from tl_helpers.store import FeatureStore  # no TensorFlow; only this check needs it
-
         try:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            digests = FeatureStore(cache_dir).digests(paths)
+            digests = store.FeatureStore(cache_dir).digests(paths)
         except OSError:
             digests = None  # the feature step says what is wrong with the store
     if digests is None:
@@ -553,8 +552,7 @@ def identical_images(
             by_size.setdefault(os.stat(path).st_size, []).append(number)
         for numbers in by_size.values():
             for number in numbers if len(numbers) > 1 else ():
-                with open(paths[number], "rb") as file:
-                    digests[number] = hashlib.file_digest(file, "sha256").digest()
+                digests[number] = store._file_digest(paths[number])  # the store's own digest
     by_contents: dict[bytes, list[tuple[ImageFolder, int]]] = {}
     for file, digest in zip(files, digests, strict=True):
         if digest:
